@@ -1,0 +1,206 @@
+//! The validated configuration: the vocabulary every other module shares.
+//!
+//! `load` reads a file, `parse` checks text; both return every problem found, each located as
+//! `file:line:col`. A `Config` that exists is one the gateway can run.
+
+mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Runtime worker threads; 1 means a current-thread runtime.
+    pub workers: usize,
+    pub log: Log,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub listeners: Vec<Listener>,
+    pub routes: Vec<Route>,
+    pub upstreams: Vec<Upstream>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Log {
+    /// A tracing filter directive such as `info` or `wsgate=debug`.
+    pub level: String,
+    /// One line per proxied request (tunnels always log their close).
+    pub access: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connect to an upstream server.
+    pub connect: Duration,
+    /// Reading a request head from a client. hyper starts this clock as soon as a connection
+    /// is ready for its next request, so it also closes idle keep-alive client connections.
+    pub request_header: Duration,
+    /// From the end of the request body to the upstream's response head.
+    pub upstream_response_header: Duration,
+    /// How long an idle pooled upstream connection is kept for reuse.
+    pub upstream_keepalive: Duration,
+    /// A tunnel with no bytes in either direction for this long is closed.
+    pub websocket_idle: Duration,
+    /// On shutdown, how long in-flight requests and open tunnels get to finish.
+    pub drain: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            request_header: Duration::from_secs(30),
+            upstream_response_header: Duration::from_secs(60),
+            upstream_keepalive: Duration::from_secs(30),
+            websocket_idle: Duration::from_secs(600),
+            drain: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request head (request line + headers) accepted; larger gets 431.
+    pub request_header_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_header_bytes: 32 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub name: String,
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    /// Empty means any host.
+    pub hosts: Vec<HostPattern>,
+    /// A path prefix that matches on a segment boundary.
+    pub path: String,
+    pub action: Action,
+    /// Upgrade protocols besides `websocket` that this route passes through, lowercase.
+    pub upgrades: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    /// Lowercase host name without port.
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`: matches any name ending in it.
+    Suffix(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Forward to the upstream with this index in `Config::upstreams`.
+    Proxy { upstream: usize },
+    /// Answer directly, like nginx `return` or Caddy `respond`.
+    Respond { status: u16, body: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub balance: Balance,
+    pub servers: Vec<Server>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    /// Fewest open requests plus tunnels, relative to weight.
+    LeastConnections,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    pub address: ServerAddress,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerAddress {
+    /// An IP literal, connected to without a lookup.
+    Ip(SocketAddr),
+    /// `host:port`, resolved at each new connection.
+    Name(String),
+}
+
+impl fmt::Display for ServerAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerAddress::Ip(addr) => addr.fmt(f),
+            ServerAddress::Name(name) => f.write_str(name),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", display_diagnostics(.0))]
+    Invalid(Vec<Diagnostic>),
+}
+
+/// One problem in a config file, with where it is and what would fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub location: Location,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Location { file, line, col } = &self.location;
+        write!(f, "{file}:{line}:{col}: {}", self.message)
+    }
+}
+
+fn display_diagnostics(diagnostics: &[Diagnostic]) -> String {
+    let lines: Vec<String> = diagnostics.iter().map(Diagnostic::to_string).collect();
+    lines.join("\n")
+}
+
+impl Config {
+    pub fn upstream(&self, name: &str) -> Option<usize> {
+        self.upstreams.iter().position(|u| u.name == name)
+    }
+}
+
+/// Reads and validates the file at `path`; errors are located by the path as given.
+pub fn load(path: &Path) -> Result<Config, Error> {
+    let display = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: display.clone(),
+        source,
+    })?;
+    parse(&text, &display)
+}
+
+/// Validates config `text`; `file` names it in error locations.
+pub fn parse(text: &str, file: &str) -> Result<Config, Error> {
+    validate::validate(text, file).map_err(Error::Invalid)
+}

@@ -1,0 +1,88 @@
+//! Serde mirror of the TOML file: nothing is checked here beyond shape; `validate` turns it into
+//! the domain types. Every table denies unknown keys so that a typo is an error, not a default.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub workers: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub log: Log,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<Listener>,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<Route>,
+    #[serde(default, rename = "upstream")]
+    pub upstreams: Vec<Upstream>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    pub level: Option<Spanned<String>>,
+    pub access: Option<bool>,
+}
+
+/// Durations are strings such as `"5s"`, `"250ms"`, `"2m"` or `"1h"`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    pub connect: Option<Spanned<String>>,
+    pub request_header: Option<Spanned<String>>,
+    pub upstream_response_header: Option<Spanned<String>>,
+    pub upstream_keepalive: Option<Spanned<String>>,
+    pub websocket_idle: Option<Spanned<String>>,
+    pub drain: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub request_header_bytes: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: Spanned<String>,
+    pub bind: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub hosts: Vec<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub upstream: Option<Spanned<String>>,
+    pub respond: Option<Spanned<Respond>>,
+    #[serde(default)]
+    pub upgrades: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Respond {
+    pub status: Spanned<i64>,
+    #[serde(default)]
+    pub body: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub name: Spanned<String>,
+    pub balance: Option<Spanned<String>>,
+    pub servers: Spanned<Vec<Server>>,
+}
+
+/// A server is either `"host:port"` or `{ address = "host:port", weight = 2 }`. Kept as a raw
+/// value because `Spanned` cannot sit inside an untagged enum; `validate` reads both shapes.
+pub type Server = Spanned<toml::Value>;

@@ -1,0 +1,26 @@
+//! wsgate: a reverse proxy whose core is WebSocket passthrough.
+//!
+//! # Layout
+//!
+//! - `config`: the TOML file, validated into the types every other module shares.
+//! - `server`: binds the listeners, serves, turns a shutdown into a drain.
+//! - `listener`: the accept loop and the hyper connection for each client.
+//! - `proxy`: one request's life: route, classify, forward, relay or tunnel.
+//! - `router`: host and path to a route.
+//! - `upstream`: server choice, connections and pooling, the lease that counts load.
+//! - `websocket`: handshake validation, and the tunnel that splices upgraded connections.
+//! - `shutdown`: the drain signal and the trackers that count what is still running.
+//! - `telemetry`: logging setup.
+
+pub mod config;
+mod listener;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+pub mod upstream;
+pub mod websocket;
+
+pub use config::Config;
+pub use server::Server;

@@ -1,0 +1,118 @@
+//! The `wsgate` command: run a config, check one, or print the version.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use wsgate::{config, telemetry, Server};
+
+/// A reverse proxy whose core is WebSocket passthrough.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// The configuration file.
+    #[arg(short, long, global = true, default_value = "config.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve with the configuration (the default).
+    Run,
+    /// Validate the configuration, print every problem, and exit 0 (valid) or 2.
+    Check,
+}
+
+/// Exit status for a configuration that does not validate.
+const EXIT_BAD_CONFIG: u8 = 2;
+/// Exit status when a second signal cuts the drain short (128 + SIGINT, as shells report).
+const EXIT_INTERRUPTED: i32 = 130;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match config::load(&cli.config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("{}", telemetry::error_chain(&err));
+            if let config::Error::Invalid(problems) = &err {
+                eprintln!("{}: {} problem(s)", cli.config.display(), problems.len());
+            }
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => {
+            println!(
+                "{}: ok ({} listener(s), {} route(s), {} upstream(s))",
+                cli.config.display(),
+                config.listeners.len(),
+                config.routes.len(),
+                config.upstreams.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Run => run(config),
+    }
+}
+
+fn run(config: wsgate::Config) -> ExitCode {
+    telemetry::init(&config.log);
+    let runtime = match config.workers {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let served = runtime.block_on(async {
+        let server = Server::bind(&config).await?;
+        server.run(signals()).await;
+        Ok::<_, wsgate::server::Error>(())
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %telemetry::error_chain(&err), "cannot start");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT; a second one exits at once.
+async fn signals() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(EXIT_INTERRUPTED);
+    });
+}

@@ -1,0 +1,181 @@
+//! The only place where a failure becomes a status code: each error knows which side caused
+//! it, and `respond` turns it into a short page and one log line.
+
+use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, SEC_WEBSOCKET_VERSION};
+use http::{Response, StatusCode};
+
+use super::body::ProxyBody;
+use crate::telemetry::error_chain;
+use crate::upstream;
+use crate::websocket::HandshakeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches this host and path")]
+    NoRoute,
+    #[error("CONNECT is not supported: wsgate is a reverse proxy")]
+    ConnectMethod,
+    #[error("missing, repeated or invalid Host header")]
+    BadHost,
+    #[error("invalid WebSocket handshake")]
+    Handshake(#[source] HandshakeError),
+    #[error("upstream {upstream:?} failed")]
+    Upstream {
+        upstream: String,
+        #[source]
+        source: upstream::Error,
+    },
+    #[error("upstream {upstream:?} answered 101 without switching to the requested protocol")]
+    BadSwitch { upstream: String },
+}
+
+/// Who caused a failure, which decides both the status family and how loudly it is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Downstream,
+    Upstream,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::BadHost => StatusCode::BAD_REQUEST,
+            ProxyError::Handshake(HandshakeError::UnsupportedVersion) => {
+                StatusCode::UPGRADE_REQUIRED
+            }
+            ProxyError::Handshake(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Upstream { source, .. } => match source {
+                upstream::Error::ConnectTimeout { .. }
+                | upstream::Error::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                err if err.is_client_body() => StatusCode::BAD_REQUEST,
+                _ => StatusCode::BAD_GATEWAY,
+            },
+            ProxyError::BadSwitch { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    pub fn side(&self) -> Side {
+        match self {
+            ProxyError::Upstream { source, .. } if source.is_client_body() => Side::Downstream,
+            ProxyError::Upstream { .. } | ProxyError::BadSwitch { .. } => Side::Upstream,
+            _ => Side::Downstream,
+        }
+    }
+
+    /// The page a client sees: the status and what went wrong, never a backend address.
+    fn page(&self) -> String {
+        let status = self.status();
+        let reason = status.canonical_reason().unwrap_or("");
+        let detail = match self {
+            ProxyError::Upstream { upstream, .. } if status == StatusCode::GATEWAY_TIMEOUT => {
+                format!("upstream \"{upstream}\" did not answer in time")
+            }
+            ProxyError::Upstream { upstream, source } if !source.is_client_body() => {
+                format!("upstream \"{upstream}\" is unavailable")
+            }
+            ProxyError::Handshake(err) => err.to_string(),
+            other => other.to_string(),
+        };
+        format!("{} {reason}: {detail}\n", status.as_u16())
+    }
+}
+
+/// What the failure log line names about the request.
+#[derive(Debug)]
+pub struct RequestLabels<'a> {
+    pub method: &'a http::Method,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub route: Option<&'a str>,
+    pub client: std::net::SocketAddr,
+}
+
+pub fn respond(err: ProxyError, labels: &RequestLabels<'_>) -> Response<ProxyBody> {
+    let status = err.status();
+    let cause = error_chain(&err);
+    let route = labels.route.unwrap_or("-");
+    match err.side() {
+        Side::Upstream => tracing::warn!(
+            status = status.as_u16(), route, method = %labels.method, host = labels.host,
+            path = labels.path, client = %labels.client, error = %cause, "request failed"
+        ),
+        Side::Downstream => tracing::info!(
+            status = status.as_u16(), route, method = %labels.method, host = labels.host,
+            path = labels.path, client = %labels.client, error = %cause, "request refused"
+        ),
+    }
+    let mut response = Response::new(ProxyBody::fixed(err.page()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    match err {
+        // RFC 6455 §4.4: tell the client which version we speak.
+        ProxyError::Handshake(HandshakeError::UnsupportedVersion) => {
+            headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        }
+        // RFC 9110 §15.5.6: a 405 lists what is allowed.
+        ProxyError::ConnectMethod => {
+            headers.insert(
+                ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
+        }
+        _ => {}
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn upstream(source: upstream::Error) -> ProxyError {
+        ProxyError::Upstream {
+            upstream: "app".into(),
+            source,
+        }
+    }
+
+    #[test]
+    fn statuses_follow_where_the_failure_happened() {
+        let refused = upstream(upstream::Error::Connect {
+            server: "127.0.0.1:9".into(),
+            source: std::io::ErrorKind::ConnectionRefused.into(),
+        });
+        assert_eq!(refused.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(refused.side(), Side::Upstream);
+        assert_eq!(
+            refused.page(),
+            "502 Bad Gateway: upstream \"app\" is unavailable\n"
+        );
+        let slow = upstream(upstream::Error::ResponseTimeout {
+            server: "127.0.0.1:9".into(),
+            after: Duration::from_secs(1),
+        });
+        assert_eq!(slow.status(), StatusCode::GATEWAY_TIMEOUT);
+        let connect_slow = upstream(upstream::Error::ConnectTimeout {
+            server: "127.0.0.1:9".into(),
+            after: Duration::from_secs(1),
+        });
+        assert_eq!(connect_slow.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(ProxyError::NoRoute.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            ProxyError::ConnectMethod.status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            ProxyError::Handshake(HandshakeError::UnsupportedVersion).status(),
+            StatusCode::UPGRADE_REQUIRED
+        );
+        assert_eq!(
+            ProxyError::Handshake(HandshakeError::MissingKey).status(),
+            StatusCode::BAD_REQUEST
+        );
+    }
+}

@@ -1,0 +1,279 @@
+//! Header surgery as pure functions: hop-by-hop removal (RFC 9110 §7.6.1), the forwarding
+//! headers (X-Forwarded-*, RFC 7239 Forwarded), and the upgrade pair for a validated handshake.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, FORWARDED, HOST, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
+};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Never meaningful beyond one hop. `Trailer` is end-to-end and stays.
+static HOP_BY_HOP: [HeaderName; 6] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    TE,
+    TRANSFER_ENCODING,
+    UPGRADE,
+];
+
+/// Who the request came from, as the forwarding headers tell it upstream.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarding<'a> {
+    pub client: IpAddr,
+    /// `http` or `https`.
+    pub proto: &'static str,
+    /// The host the client asked for (Host or the absolute-form authority).
+    pub host: Option<&'a HeaderValue>,
+}
+
+/// Prepares a request's headers for the upstream. With `upgrade`, the client's `Upgrade` value
+/// is kept and `Connection: upgrade` restored, since both are otherwise hop-by-hop.
+pub fn to_upstream(headers: &mut HeaderMap, forwarding: &Forwarding<'_>, upgrade: bool) {
+    let upgrade = if upgrade {
+        headers.get(UPGRADE).cloned()
+    } else {
+        None
+    };
+    strip_hop_by_hop(headers);
+    headers.remove(&PROXY_AUTHORIZATION);
+    if let Some(protocol) = upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(UPGRADE, protocol);
+    }
+    append_forwarded_for(headers, forwarding.client);
+    headers.insert(
+        &X_FORWARDED_PROTO,
+        HeaderValue::from_static(forwarding.proto),
+    );
+    match forwarding.host {
+        Some(host) => headers.insert(&X_FORWARDED_HOST, host.clone()),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
+    append_forwarded(headers, forwarding);
+}
+
+/// Prepares a response's headers for the client. A relayed 101 keeps its `Upgrade` and
+/// `Connection`: they are what the client's handshake waits for.
+pub fn to_downstream(headers: &mut HeaderMap, switching: bool) {
+    if !switching {
+        strip_hop_by_hop(headers);
+    }
+    headers.remove(&PROXY_AUTHENTICATE);
+}
+
+/// Removes the fixed hop-by-hop set and every header that `Connection` names, across all its
+/// field lines. `Host` is never removed: routing and the upstream depend on it.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually `keep-alive`, `close` or `upgrade`; only allocate for unusual names.
+    let mut listed: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(CONNECTION) {
+        for token in value.to_str().unwrap_or("").split(',') {
+            let token = token.trim();
+            let known = token.is_empty()
+                || ["close", "keep-alive", "upgrade"]
+                    .iter()
+                    .any(|k| token.eq_ignore_ascii_case(k));
+            if known {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                if name != HOST {
+                    listed.push(name);
+                }
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    for name in listed {
+        headers.remove(name);
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+    let mut value = joined(headers, &X_FORWARDED_FOR);
+    if !value.is_empty() {
+        value.push_str(", ");
+    }
+    let _ = write!(value, "{client}");
+    if let Ok(value) = HeaderValue::try_from(value) {
+        headers.insert(&X_FORWARDED_FOR, value);
+    }
+}
+
+fn append_forwarded(headers: &mut HeaderMap, forwarding: &Forwarding<'_>) {
+    let mut value = joined(headers, &FORWARDED);
+    if !value.is_empty() {
+        value.push_str(", ");
+    }
+    // RFC 7239 §6: IPv6 nodes are bracketed and quoted; values outside `token` are quoted.
+    match forwarding.client {
+        IpAddr::V4(ip) => {
+            let _ = write!(value, "for={ip}");
+        }
+        IpAddr::V6(ip) => {
+            let _ = write!(value, "for=\"[{ip}]\"");
+        }
+    }
+    if let Some(host) = forwarding.host.and_then(|h| h.to_str().ok()) {
+        if host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        {
+            let _ = write!(value, ";host={host}");
+        } else if !host.contains(['"', '\\']) {
+            let _ = write!(value, ";host=\"{host}\"");
+        }
+    }
+    let _ = write!(value, ";proto={}", forwarding.proto);
+    if let Ok(value) = HeaderValue::try_from(value) {
+        headers.insert(FORWARDED, value);
+    }
+}
+
+/// All field lines of `name` as one comma-separated list (RFC 9110 §5.3).
+fn joined(headers: &HeaderMap, name: &HeaderName) -> String {
+    let mut out = String::new();
+    for value in headers.get_all(name) {
+        if let Ok(text) = value.to_str() {
+            if !out.is_empty() {
+                out.push_str(", ");
+            }
+            out.push_str(text);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        headers
+    }
+
+    fn names(headers: &HeaderMap) -> Vec<&str> {
+        let mut names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    #[test]
+    fn strips_fixed_and_listed_hop_by_hop_headers_case_insensitively() {
+        let mut headers = map(&[
+            ("Connection", "Keep-Alive, X-Hop"),
+            ("connection", "x-other , host"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("X-HOP", "1"),
+            ("x-other", "2"),
+            ("host", "example.com"),
+            ("cookie", "a=b"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(names(&headers), ["cookie", "host"]);
+    }
+
+    #[test]
+    fn upstream_gets_forwarding_headers_appended() {
+        let host = HeaderValue::from_static("example.com:8080");
+        let mut headers = map(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-for", "198.51.100.1"),
+            ("forwarded", "for=203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+            ("proxy-authorization", "Basic eA=="),
+        ]);
+        let forwarding = Forwarding {
+            client: "2001:db8::1".parse().unwrap(),
+            proto: "http",
+            host: Some(&host),
+        };
+        to_upstream(&mut headers, &forwarding, false);
+        assert_eq!(
+            headers["x-forwarded-for"],
+            "203.0.113.9, 198.51.100.1, 2001:db8::1"
+        );
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(headers["x-forwarded-host"], "example.com:8080");
+        assert_eq!(
+            headers["forwarded"],
+            "for=203.0.113.9, for=\"[2001:db8::1]\";host=\"example.com:8080\";proto=http"
+        );
+        assert!(!headers.contains_key("proxy-authorization"));
+
+        let mut headers = HeaderMap::new();
+        let forwarding = Forwarding {
+            client: "192.0.2.7".parse().unwrap(),
+            proto: "http",
+            host: None,
+        };
+        to_upstream(&mut headers, &forwarding, false);
+        assert_eq!(headers["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(headers["forwarded"], "for=192.0.2.7;proto=http");
+    }
+
+    #[test]
+    fn upgrade_pair_is_restored_only_for_a_handshake() {
+        let base = [
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "WebSocket"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("origin", "http://example.com"),
+        ];
+        let forwarding = Forwarding {
+            client: "127.0.0.1".parse().unwrap(),
+            proto: "http",
+            host: None,
+        };
+        let mut headers = map(&base);
+        to_upstream(&mut headers, &forwarding, true);
+        assert_eq!(headers["connection"], "upgrade");
+        assert_eq!(headers["upgrade"], "WebSocket");
+        assert_eq!(headers["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(headers["origin"], "http://example.com");
+
+        let mut headers = map(&base);
+        to_upstream(&mut headers, &forwarding, false);
+        assert!(!headers.contains_key("connection"));
+        assert!(!headers.contains_key("upgrade"));
+    }
+
+    #[test]
+    fn downstream_keeps_a_switch_intact() {
+        let pairs = [
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            ("proxy-authenticate", "Basic"),
+        ];
+        let mut headers = map(&pairs);
+        to_downstream(&mut headers, true);
+        assert_eq!(
+            names(&headers),
+            ["connection", "sec-websocket-accept", "upgrade"]
+        );
+        let mut headers = map(&pairs);
+        to_downstream(&mut headers, false);
+        assert_eq!(names(&headers), ["sec-websocket-accept"]);
+    }
+}

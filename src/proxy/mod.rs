@@ -1,0 +1,311 @@
+//! The per-request pipeline: route, classify, forward, then relay the response or hand the
+//! upgraded connections to a tunnel. It never touches a socket; the listener describes the
+//! connection once in a `ConnInfo`.
+
+pub mod body;
+pub mod error;
+pub mod headers;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use http::header::{HeaderValue, CONTENT_TYPE, HOST, UPGRADE};
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::config::{Config, Timeouts};
+use crate::router::{Route, Router, Target};
+use crate::shutdown::{Signal, Tracker};
+use crate::upstream::{Lease, UpstreamGroup};
+use crate::websocket::{self, tunnel, Classification, Protocol};
+use body::ProxyBody;
+use error::{ProxyError, RequestLabels};
+
+/// What every request of one configuration reads: immutable, shared by `Arc`.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub router: Router,
+    pub upstreams: Vec<UpstreamGroup>,
+    pub timeouts: Timeouts,
+    pub access_log: bool,
+}
+
+impl Snapshot {
+    pub fn new(config: &Config) -> Snapshot {
+        Snapshot {
+            router: Router::new(&config.routes),
+            upstreams: config.upstreams.iter().map(UpstreamGroup::new).collect(),
+            timeouts: config.timeouts,
+            access_log: config.log.access,
+        }
+    }
+}
+
+/// The client connection a request arrived on, computed once per connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub listener: Arc<str>,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+#[derive(Debug)]
+pub struct Proxy {
+    snapshot: Arc<Snapshot>,
+    /// Upgraded connections leave hyper's sight; they are counted here for the drain.
+    tunnels: Tracker,
+    /// Fired when the drain period is over and open tunnels must close.
+    close_tunnels: Signal,
+}
+
+/// A validated upgrade waiting for the upstream's 101.
+struct PendingUpgrade {
+    protocol: Protocol,
+    requested: Option<HeaderValue>,
+    client: hyper::upgrade::OnUpgrade,
+}
+
+/// The request facts kept for logging after the request itself has moved upstream.
+struct Facts {
+    method: Method,
+    host: HeaderValue,
+    uri: Uri,
+}
+
+impl Proxy {
+    pub fn new(snapshot: Arc<Snapshot>, tunnels: Tracker, close_tunnels: Signal) -> Proxy {
+        Proxy {
+            snapshot,
+            tunnels,
+            close_tunnels,
+        }
+    }
+
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snapshot
+    }
+
+    pub async fn handle(&self, request: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let host = request_host(&request);
+        let facts = Facts {
+            method: request.method().clone(),
+            host: host
+                .as_ref()
+                .cloned()
+                .unwrap_or(HeaderValue::from_static("")),
+            uri: request.uri().clone(),
+        };
+        let host_text = facts.host.to_str().unwrap_or("");
+        let path = facts.uri.path();
+        let mut route = None;
+        let result = match host {
+            _ if facts.method == Method::CONNECT => Err(ProxyError::ConnectMethod),
+            Err(err) => Err(err),
+            Ok(_) => match self.snapshot.router.route(host_text, path) {
+                None => Err(ProxyError::NoRoute),
+                Some(matched) => {
+                    route = Some(matched);
+                    matched.stats.requests.fetch_add(1, Ordering::Relaxed);
+                    self.dispatch(request, matched, &facts, conn).await
+                }
+            },
+        };
+        let route_name = route.map(|r| r.name.as_str());
+        match result {
+            Ok((response, server)) => {
+                if self.snapshot.access_log {
+                    tracing::info!(
+                        status = response.status().as_u16(),
+                        route = route_name.unwrap_or("-"),
+                        server = server.as_deref().unwrap_or("-"),
+                        method = %facts.method,
+                        host = host_text,
+                        path,
+                        client = %conn.peer,
+                        head_ms = started.elapsed().as_millis() as u64,
+                        "request"
+                    );
+                }
+                response
+            }
+            Err(err) => error::respond(
+                err,
+                &RequestLabels {
+                    method: &facts.method,
+                    host: host_text,
+                    path,
+                    route: route_name,
+                    client: conn.peer,
+                },
+            ),
+        }
+    }
+
+    /// Returns the response and, when proxied, the upstream server that answered.
+    async fn dispatch(
+        &self,
+        mut request: Request<Incoming>,
+        route: &Route,
+        facts: &Facts,
+        conn: &ConnInfo,
+    ) -> Result<(Response<ProxyBody>, Option<String>), ProxyError> {
+        let upstream = match &route.target {
+            Target::Respond { status, body } => return Ok((respond(*status, body.clone()), None)),
+            Target::Proxy { upstream } => &self.snapshot.upstreams[*upstream],
+        };
+        let classification = websocket::classify(
+            request.method(),
+            request.version(),
+            request.headers(),
+            &route.upgrades,
+        );
+        let protocol = match classification {
+            Classification::Reject(err) => return Err(ProxyError::Handshake(err)),
+            Classification::Upgrade(protocol) => Some(protocol),
+            Classification::Plain => None,
+        };
+        // Taken before the request moves upstream: it resolves once our 101 reaches the client.
+        let upgrade = protocol.map(|protocol| PendingUpgrade {
+            protocol,
+            requested: request.headers().get(UPGRADE).cloned(),
+            client: hyper::upgrade::on(&mut request),
+        });
+        prepare_upstream_request(&mut request, facts, conn, upgrade.is_some());
+
+        let upstream_failed = |source| ProxyError::Upstream {
+            upstream: upstream.name.clone(),
+            source,
+        };
+        let mut lease = upstream
+            .connect(&self.snapshot.timeouts)
+            .await
+            .map_err(upstream_failed)?;
+        let mut response = lease.send(request).await.map_err(upstream_failed)?;
+        let server = Some(lease.endpoint().label.clone());
+
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let (mut parts, body) = response.into_parts();
+            headers::to_downstream(&mut parts.headers, false);
+            return Ok((
+                Response::from_parts(parts, ProxyBody::upstream(body, lease)),
+                server,
+            ));
+        }
+        let switched = upgrade.filter(|upgrade| {
+            websocket::switched_to(
+                response.headers(),
+                upgrade.protocol,
+                upgrade.requested.as_ref(),
+            )
+        });
+        let Some(upgrade) = switched else {
+            return Err(ProxyError::BadSwitch {
+                upstream: upstream.name.clone(),
+            });
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        self.spawn_tunnel(
+            upgrade.client,
+            upstream_upgrade,
+            lease,
+            route,
+            &upstream.name,
+            conn,
+        );
+        let (mut parts, _) = response.into_parts();
+        headers::to_downstream(&mut parts.headers, true);
+        Ok((Response::from_parts(parts, ProxyBody::empty()), server))
+    }
+
+    fn spawn_tunnel(
+        &self,
+        client: hyper::upgrade::OnUpgrade,
+        upstream: hyper::upgrade::OnUpgrade,
+        lease: Lease,
+        route: &Route,
+        upstream_name: &str,
+        conn: &ConnInfo,
+    ) {
+        let lease = lease.into_tunnel();
+        let labels = tunnel::Labels {
+            route: route.name.clone(),
+            upstream: upstream_name.to_owned(),
+            server: lease.endpoint().label.clone(),
+            client: conn.peer,
+        };
+        let guard = self.tunnels.guard();
+        let close = self.close_tunnels.clone();
+        let idle = self.snapshot.timeouts.websocket_idle;
+        let stats = route.stats.clone();
+        stats.tunnel_opened();
+        tokio::spawn(async move {
+            match tokio::try_join!(client, upstream) {
+                Ok((client, upstream)) => {
+                    tunnel::run(client, upstream, &labels, idle, close).await;
+                }
+                Err(err) => tracing::debug!(
+                    route = %labels.route,
+                    client = %labels.client,
+                    error = %err,
+                    "upgrade did not complete"
+                ),
+            }
+            stats.tunnel_closed();
+            drop(lease);
+            drop(guard);
+        });
+    }
+}
+
+/// The host a request is for: the absolute-form authority if present (RFC 9112 §3.2.2),
+/// else the one Host header. HTTP/1.1 requires Host; HTTP/1.0 may omit it.
+fn request_host(request: &Request<Incoming>) -> Result<HeaderValue, ProxyError> {
+    if let Some(authority) = request.uri().authority() {
+        return HeaderValue::from_str(authority.as_str()).map_err(|_| ProxyError::BadHost);
+    }
+    let mut hosts = request.headers().get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(host), None) if host.to_str().is_ok() && !host.is_empty() => Ok(host.clone()),
+        (None, _) if request.version() <= Version::HTTP_10 => Ok(HeaderValue::from_static("")),
+        _ => Err(ProxyError::BadHost),
+    }
+}
+
+/// Origin-form target, Host from the authority, HTTP/1.1 upstream, forwarding headers.
+fn prepare_upstream_request(
+    request: &mut Request<Incoming>,
+    facts: &Facts,
+    conn: &ConnInfo,
+    upgrade: bool,
+) {
+    if request.uri().authority().is_some() {
+        let path = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *request.uri_mut() = Uri::from(path);
+        request.headers_mut().insert(HOST, facts.host.clone());
+    }
+    *request.version_mut() = Version::HTTP_11;
+    let forwarding = headers::Forwarding {
+        client: conn.peer.ip(),
+        proto: "http",
+        host: (!facts.host.is_empty()).then_some(&facts.host),
+    };
+    headers::to_upstream(request.headers_mut(), &forwarding, upgrade);
+}
+
+fn respond(status: StatusCode, body: bytes::Bytes) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::fixed(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

@@ -1,0 +1,237 @@
+//! The compiled route table: the most specific host wins (exact, then the longest `*.suffix`,
+//! then routes without hosts), and within it the longest path prefix on a segment boundary.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::config::{self, Action, HostPattern};
+
+/// What a matched route does, plus its live counters.
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub target: Target,
+    /// Lowercase Upgrade protocols besides `websocket` that may pass.
+    pub upgrades: Vec<String>,
+    /// Shared with the tunnels the route opened, which outlive their request.
+    pub stats: Arc<RouteStats>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Index into the snapshot's upstream groups.
+    Proxy { upstream: usize },
+    Respond {
+        status: http::StatusCode,
+        body: Bytes,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct RouteStats {
+    pub requests: AtomicU64,
+    pub tunnels_open: AtomicU64,
+    pub tunnels_total: AtomicU64,
+}
+
+impl RouteStats {
+    pub fn tunnel_opened(&self) {
+        self.tunnels_open.fetch_add(1, Ordering::Relaxed);
+        self.tunnels_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn tunnel_closed(&self) {
+        self.tunnels_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+pub struct Router {
+    routes: Vec<Route>,
+    /// Sorted most specific first, so the first match is the best one.
+    entries: Vec<Entry>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    host: Option<HostPattern>,
+    path: String,
+    route: usize,
+}
+
+impl Entry {
+    /// Higher sorts first: exact host, longer suffix, any host; then longer path.
+    fn specificity(&self) -> (u8, usize, usize) {
+        let (rank, len) = match &self.host {
+            Some(HostPattern::Exact(_)) => (2, 0),
+            Some(HostPattern::Suffix(suffix)) => (1, suffix.len()),
+            None => (0, 0),
+        };
+        (rank, len, self.path.len())
+    }
+
+    fn matches(&self, host: &str, path: &str) -> bool {
+        let host_ok = match &self.host {
+            None => true,
+            Some(HostPattern::Exact(exact)) => host.eq_ignore_ascii_case(exact),
+            Some(HostPattern::Suffix(suffix)) => {
+                host.len() > suffix.len()
+                    && host.as_bytes()[host.len() - suffix.len()..]
+                        .eq_ignore_ascii_case(suffix.as_bytes())
+            }
+        };
+        host_ok && path_has_prefix(path, &self.path)
+    }
+}
+
+/// `/api` matches `/api`, `/api/` and `/api/x`, never `/apix`.
+fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// `Example.com:8080` -> `Example.com`, `[::1]:80` -> `[::1]`, `example.com.` -> `example.com`.
+pub fn host_without_port(authority: &str) -> &str {
+    let host = if authority.starts_with('[') {
+        authority
+            .find(']')
+            .map_or(authority, |end| &authority[..=end])
+    } else {
+        authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host)
+    };
+    host.strip_suffix('.').unwrap_or(host)
+}
+
+impl Router {
+    pub fn new(routes: &[config::Route]) -> Router {
+        let mut entries = Vec::new();
+        for (index, route) in routes.iter().enumerate() {
+            let hosts: Vec<Option<HostPattern>> = if route.hosts.is_empty() {
+                vec![None]
+            } else {
+                route.hosts.iter().cloned().map(Some).collect()
+            };
+            entries.extend(hosts.into_iter().map(|host| Entry {
+                host,
+                path: route.path.clone(),
+                route: index,
+            }));
+        }
+        // Stable: equal specificity keeps config order (validation rejects exact duplicates).
+        entries.sort_by_key(|entry| std::cmp::Reverse(entry.specificity()));
+        let routes = routes
+            .iter()
+            .map(|route| Route {
+                name: route.name.clone(),
+                target: match &route.action {
+                    Action::Proxy { upstream } => Target::Proxy {
+                        upstream: *upstream,
+                    },
+                    Action::Respond { status, body } => Target::Respond {
+                        status: http::StatusCode::from_u16(*status).expect("validated status code"),
+                        body: Bytes::from(body.clone()),
+                    },
+                },
+                upgrades: route.upgrades.clone(),
+                stats: Arc::default(),
+            })
+            .collect();
+        Router { routes, entries }
+    }
+
+    /// `host` may carry a port. A linear scan: tables are small, and the first hit is the best.
+    pub fn route(&self, host: &str, path: &str) -> Option<&Route> {
+        let host = host_without_port(host);
+        self.entries
+            .iter()
+            .find(|entry| entry.matches(host, path))
+            .map(|entry| &self.routes[entry.route])
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, hosts: &[&str], path: &str) -> config::Route {
+        config::Route {
+            name: name.into(),
+            hosts: hosts
+                .iter()
+                .map(|h| match h.strip_prefix('*') {
+                    Some(suffix) => HostPattern::Suffix(suffix.into()),
+                    None => HostPattern::Exact((*h).into()),
+                })
+                .collect(),
+            path: path.into(),
+            action: Action::Respond {
+                status: 200,
+                body: String::new(),
+            },
+            upgrades: Vec::new(),
+        }
+    }
+
+    fn table() -> Router {
+        Router::new(&[
+            route("root", &[], "/"),
+            route("api", &[], "/api"),
+            route("api-v2", &[], "/api/v2/"),
+            route("wild", &["*.example.com"], "/"),
+            route("deep-wild", &["*.eu.example.com"], "/"),
+            route("exact", &["www.example.com"], "/"),
+            route("exact-api", &["www.example.com"], "/api"),
+        ])
+    }
+
+    #[test]
+    fn picks_the_most_specific_route() {
+        let router = table();
+        let cases = [
+            ("other.org", "/", "root"),
+            ("other.org", "/apix", "root"),
+            ("other.org", "/api", "api"),
+            ("other.org", "/api/", "api"),
+            ("other.org", "/api/users", "api"),
+            ("other.org", "/api/v2", "api"),
+            ("other.org", "/api/v2/x", "api-v2"),
+            ("a.example.com", "/api", "wild"),
+            ("a.b.example.com", "/", "wild"),
+            ("example.com", "/", "root"),
+            ("x.eu.example.com", "/", "deep-wild"),
+            ("WWW.Example.COM:8080", "/", "exact"),
+            ("www.example.com.", "/api/x", "exact-api"),
+        ];
+        for (host, path, want) in cases {
+            let got = router.route(host, path).map(|r| r.name.as_str());
+            assert_eq!(got, Some(want), "{host} {path}");
+        }
+    }
+
+    #[test]
+    fn no_match_without_a_catch_all() {
+        let router = Router::new(&[route("api", &["api.test"], "/v1")]);
+        assert!(router.route("api.test", "/v2").is_none());
+        assert!(router.route("other.test", "/v1").is_none());
+        assert!(router.route("api.test", "/v1/x").is_some());
+    }
+
+    #[test]
+    fn strips_ports_from_authorities() {
+        assert_eq!(host_without_port("a.test:80"), "a.test");
+        assert_eq!(host_without_port("a.test"), "a.test");
+        assert_eq!(host_without_port("[::1]:8080"), "[::1]");
+        assert_eq!(host_without_port("[::1]"), "[::1]");
+        assert_eq!(host_without_port("a.test.:1"), "a.test");
+    }
+}

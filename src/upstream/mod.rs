@@ -1,0 +1,363 @@
+//! Upstream groups: pick a server, connect first (failing over while nothing has been sent),
+//! then send through a `Lease` that counts the server's open requests and tunnels.
+
+pub mod balance;
+pub mod pool;
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use crate::config::{self, Balance, ServerAddress, Timeouts};
+use crate::telemetry::error_chain;
+use pool::Pool;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connect to {server} failed")]
+    Connect {
+        server: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connect to {server} timed out after {after:?}")]
+    ConnectTimeout { server: String, after: Duration },
+    #[error("{server} sent no response head within {after:?} of the request")]
+    ResponseTimeout { server: String, after: Duration },
+    #[error("exchange with {server} failed")]
+    Exchange {
+        server: String,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+impl Error {
+    /// The client's own request body failed (it went away mid-upload): not the upstream's fault.
+    pub fn is_client_body(&self) -> bool {
+        matches!(self, Error::Exchange { source, .. } if source.is_user())
+    }
+}
+
+#[derive(Debug)]
+pub struct UpstreamGroup {
+    pub name: String,
+    balance: Balance,
+    endpoints: Vec<Arc<Endpoint>>,
+    weights: Vec<u32>,
+    /// Round robin order over `endpoints`, weighted.
+    sequence: Vec<usize>,
+    next: AtomicUsize,
+}
+
+/// One server of a group, with its live counters and idle connections.
+#[derive(Debug)]
+pub struct Endpoint {
+    address: ServerAddress,
+    /// The address as configured, for logs and error pages.
+    pub label: String,
+    /// Leases alive: requests in flight plus open tunnels.
+    active: AtomicUsize,
+    tunnels: AtomicUsize,
+    pool: Pool<RequestBody>,
+}
+
+impl Endpoint {
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn tunnels(&self) -> usize {
+        self.tunnels.load(Ordering::Relaxed)
+    }
+
+    pub fn idle_connections(&self) -> usize {
+        self.pool.idle_count()
+    }
+
+    async fn connect(&self, after: Duration) -> Result<SendRequest<RequestBody>, Error> {
+        let connecting = async {
+            match &self.address {
+                ServerAddress::Ip(addr) => TcpStream::connect(addr).await,
+                ServerAddress::Name(name) => TcpStream::connect(name.as_str()).await,
+            }
+        };
+        let stream = match tokio::time::timeout(after, connecting).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(source)) => {
+                return Err(Error::Connect {
+                    server: self.label.clone(),
+                    source,
+                })
+            }
+            Err(_) => {
+                return Err(Error::ConnectTimeout {
+                    server: self.label.clone(),
+                    after,
+                })
+            }
+        };
+        // Small writes (WebSocket frames, request heads) must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| Error::Exchange {
+                server: self.label.clone(),
+                source,
+            })?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.with_upgrades().await {
+                tracing::debug!(error = %err, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+impl UpstreamGroup {
+    pub fn new(config: &config::Upstream) -> UpstreamGroup {
+        let weights: Vec<u32> = config.servers.iter().map(|s| s.weight).collect();
+        UpstreamGroup {
+            name: config.name.clone(),
+            balance: config.balance,
+            endpoints: config
+                .servers
+                .iter()
+                .map(|server| {
+                    Arc::new(Endpoint {
+                        label: server.address.to_string(),
+                        address: server.address.clone(),
+                        active: AtomicUsize::new(0),
+                        tunnels: AtomicUsize::new(0),
+                        pool: Pool::default(),
+                    })
+                })
+                .collect(),
+            sequence: balance::smooth_weighted_sequence(&weights),
+            weights,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
+        &self.endpoints
+    }
+
+    fn pick(&self) -> usize {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        match self.balance {
+            Balance::RoundRobin => self.sequence[turn % self.sequence.len()],
+            Balance::LeastConnections => {
+                let active: Vec<usize> = self.endpoints.iter().map(|e| e.active()).collect();
+                balance::least_loaded(&active, &self.weights, turn)
+            }
+        }
+    }
+
+    /// A lease on a connected server. A server that cannot be connected to is skipped for the
+    /// next one: nothing has been sent yet, so any method may fail over. The last error is
+    /// returned when every server failed.
+    pub async fn connect(&self, timeouts: &Timeouts) -> Result<Lease, Error> {
+        let first = self.pick();
+        let count = self.endpoints.len();
+        let mut last_error = None;
+        for offset in 0..count {
+            let endpoint = &self.endpoints[(first + offset) % count];
+            // Counted before connecting, so concurrent least-connections picks see it.
+            let mut lease = Lease::new(endpoint.clone(), timeouts);
+            match lease.checkout().await {
+                Ok(()) => return Ok(lease),
+                Err(err) => {
+                    if offset + 1 < count {
+                        tracing::warn!(
+                            upstream = %self.name,
+                            server = %endpoint.label,
+                            error = %error_chain(&err),
+                            "upstream server failed, trying the next one"
+                        );
+                    }
+                    last_error = Some(err);
+                }
+            }
+        }
+        Err(last_error.expect("validated upstreams have servers"))
+    }
+}
+
+/// A claim on one server for one request, and then its response body or tunnel.
+#[derive(Debug)]
+pub struct Lease {
+    endpoint: Arc<Endpoint>,
+    sender: Option<SendRequest<RequestBody>>,
+    reused: bool,
+    tunnel: bool,
+    timeouts: Timeouts,
+}
+
+impl Lease {
+    fn new(endpoint: Arc<Endpoint>, timeouts: &Timeouts) -> Lease {
+        endpoint.active.fetch_add(1, Ordering::Relaxed);
+        Lease {
+            endpoint,
+            sender: None,
+            reused: false,
+            tunnel: false,
+            timeouts: *timeouts,
+        }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    async fn checkout(&mut self) -> Result<(), Error> {
+        while let Some(mut sender) = self.endpoint.pool.take(self.timeouts.upstream_keepalive) {
+            // Pooled only after its previous response ended, so this resolves at once unless
+            // the server closed it meanwhile.
+            let ready = tokio::time::timeout(self.timeouts.connect, sender.ready()).await;
+            if matches!(ready, Ok(Ok(()))) {
+                self.sender = Some(sender);
+                self.reused = true;
+                return Ok(());
+            }
+        }
+        self.sender = Some(self.endpoint.connect(self.timeouts.connect).await?);
+        self.reused = false;
+        Ok(())
+    }
+
+    /// Sends `request` and waits for the response head. The response timeout starts once the
+    /// request body has been sent, so a slow upload is not mistaken for a slow upstream.
+    pub async fn send(&mut self, request: Request<Incoming>) -> Result<Response<Incoming>, Error> {
+        let (parts, body) = request.into_parts();
+        let (body, sent) = RequestBody::new(body);
+        let mut request = Request::from_parts(parts, body);
+        let mut sent = sent;
+        loop {
+            let sender = self.sender.as_mut().expect("checked out before sending");
+            let response = sender.try_send_request(request);
+            tokio::pin!(response);
+            let early = match sent.as_mut() {
+                Some(body_sent) => tokio::select! {
+                    result = &mut response => Some(result),
+                    _ = body_sent => None,
+                },
+                None => None,
+            };
+            let result = match early {
+                Some(result) => result,
+                None => {
+                    sent = None;
+                    let after = self.timeouts.upstream_response_header;
+                    tokio::time::timeout(after, &mut response)
+                        .await
+                        .map_err(|_| Error::ResponseTimeout {
+                            server: self.endpoint.label.clone(),
+                            after,
+                        })?
+                }
+            };
+            let mut err = match result {
+                Ok(response) => return Ok(response),
+                Err(err) => err,
+            };
+            match err.take_message() {
+                // A pooled connection the server had closed: the request never left, so it is
+                // safe to send it again on a fresh connection.
+                Some(unsent) if self.reused => {
+                    tracing::debug!(server = %self.endpoint.label, "pooled connection was closed, reconnecting");
+                    request = unsent;
+                    self.sender = Some(self.endpoint.connect(self.timeouts.connect).await?);
+                    self.reused = false;
+                }
+                _ => {
+                    return Err(Error::Exchange {
+                        server: self.endpoint.label.clone(),
+                        source: err.into_error(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// The response was read to its end: the connection can serve another request.
+    pub fn release(mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.endpoint.pool.put(sender);
+        }
+    }
+
+    /// The connection became a tunnel; the lease now counts it until dropped.
+    pub fn into_tunnel(mut self) -> Lease {
+        self.sender = None;
+        self.tunnel = true;
+        self.endpoint.tunnels.fetch_add(1, Ordering::Relaxed);
+        self
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.endpoint.active.fetch_sub(1, Ordering::Relaxed);
+        if self.tunnel {
+            self.endpoint.tunnels.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The client's request body on its way upstream; dropping it (hyper does so once the body is
+/// written, or failed) resolves the paired receiver, which starts the response timeout.
+#[derive(Debug)]
+pub struct RequestBody {
+    inner: Incoming,
+    _sent: Option<oneshot::Sender<()>>,
+}
+
+impl RequestBody {
+    fn new(inner: Incoming) -> (RequestBody, Option<oneshot::Receiver<()>>) {
+        if inner.is_end_stream() {
+            return (RequestBody { inner, _sent: None }, None);
+        }
+        let (tx, rx) = oneshot::channel();
+        (
+            RequestBody {
+                inner,
+                _sent: Some(tx),
+            },
+            Some(rx),
+        )
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
