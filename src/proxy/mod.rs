@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use crate::config::{Config, Timeouts};
 use crate::router::{Route, Router, Target};
 use crate::shutdown::{Signal, Tracker};
-use crate::upstream::{Lease, UpstreamGroup};
+use crate::upstream::{Endpoint, Lease, UpstreamGroup};
 use crate::websocket::{self, tunnel, Classification, Protocol};
 use body::ProxyBody;
 use error::{ProxyError, RequestLabels};
@@ -121,7 +121,7 @@ impl Proxy {
                     tracing::info!(
                         status = response.status().as_u16(),
                         route = route_name.unwrap_or("-"),
-                        server = server.as_deref().unwrap_or("-"),
+                        server = server.as_ref().map_or("-", |e| e.label.as_str()),
                         method = %facts.method,
                         host = host_text,
                         path,
@@ -152,7 +152,7 @@ impl Proxy {
         route: &Route,
         facts: &Facts,
         conn: &ConnInfo,
-    ) -> Result<(Response<ProxyBody>, Option<String>), ProxyError> {
+    ) -> Result<(Response<ProxyBody>, Option<Arc<Endpoint>>), ProxyError> {
         let upstream = match &route.target {
             Target::Respond { status, body } => return Ok((respond(*status, body.clone()), None)),
             Target::Proxy { upstream } => &self.snapshot.upstreams[*upstream],
@@ -185,7 +185,7 @@ impl Proxy {
             .await
             .map_err(upstream_failed)?;
         let mut response = lease.send(request).await.map_err(upstream_failed)?;
-        let server = Some(lease.endpoint().label.clone());
+        let server = Some(lease.endpoint().clone());
 
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             let (mut parts, body) = response.into_parts();

@@ -219,16 +219,20 @@ impl Lease {
         }
     }
 
-    pub fn endpoint(&self) -> &Endpoint {
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
         &self.endpoint
     }
 
     async fn checkout(&mut self) -> Result<(), Error> {
         while let Some(mut sender) = self.endpoint.pool.take(self.timeouts.upstream_keepalive) {
-            // Pooled only after its previous response ended, so this resolves at once unless
-            // the server closed it meanwhile.
-            let ready = tokio::time::timeout(self.timeouts.connect, sender.ready()).await;
-            if matches!(ready, Ok(Ok(()))) {
+            // Pooled only after its previous response ended, so it is ready at once or within
+            // a moment, unless the server closed it meanwhile.
+            let ready = sender.is_ready()
+                || matches!(
+                    tokio::time::timeout(self.timeouts.connect, sender.ready()).await,
+                    Ok(Ok(()))
+                );
+            if ready {
                 self.sender = Some(sender);
                 self.reused = true;
                 return Ok(());
