@@ -79,9 +79,12 @@ fn run(config: wsgate::Config) -> ExitCode {
         }
     };
     let served = runtime.block_on(async {
+        // Installed before the listeners bind, so that a signal arriving as soon as wsgate
+        // answers is already a drain, never the default action of dying on the spot.
+        let signals = Signals::install()?;
         let server = Server::bind(&config).await?;
-        server.run(signals()).await;
-        Ok::<_, wsgate::server::Error>(())
+        server.run(signals.first()).await;
+        Ok::<_, StartError>(())
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match served {
@@ -93,26 +96,41 @@ fn run(config: wsgate::Config) -> ExitCode {
     }
 }
 
-/// Completes on the first SIGTERM or SIGINT; a second one exits at once.
-async fn signals() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Server(#[from] wsgate::server::Error),
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, StartError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(StartError::Signals)?,
+            int: signal(SignalKind::interrupt()).map_err(StartError::Signals)?,
+        })
     }
-    tokio::spawn(async move {
+
+    /// Completes on the first SIGTERM or SIGINT; a second one exits at once.
+    async fn first(mut self) {
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
         }
-        tracing::warn!("second signal: exiting now");
-        std::process::exit(EXIT_INTERRUPTED);
-    });
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
+            }
+            tracing::warn!("second signal: exiting now");
+            std::process::exit(EXIT_INTERRUPTED);
+        });
+    }
 }

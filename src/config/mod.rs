@@ -44,6 +44,8 @@ pub struct Timeouts {
     pub upstream_keepalive: Duration,
     /// A tunnel with no bytes in either direction for this long is closed.
     pub websocket_idle: Duration,
+    /// Once one side of a tunnel has closed, silence from the other for this long closes it.
+    pub websocket_half_closed: Duration,
     /// On shutdown, how long in-flight requests and open tunnels get to finish.
     pub drain: Duration,
 }
@@ -56,6 +58,7 @@ impl Default for Timeouts {
             upstream_response_header: Duration::from_secs(60),
             upstream_keepalive: Duration::from_secs(30),
             websocket_idle: Duration::from_secs(600),
+            websocket_half_closed: Duration::from_secs(30),
             drain: Duration::from_secs(30),
         }
     }

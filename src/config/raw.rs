@@ -38,6 +38,7 @@ pub struct Timeouts {
     pub upstream_response_header: Option<Spanned<String>>,
     pub upstream_keepalive: Option<Spanned<String>>,
     pub websocket_idle: Option<Spanned<String>>,
+    pub websocket_half_closed: Option<Spanned<String>>,
     pub drain: Option<Spanned<String>>,
 }
 

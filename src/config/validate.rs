@@ -30,7 +30,15 @@ pub(super) fn validate(text: &str, file: &str) -> Result<Config, Vec<Diagnostic>
         Ok(raw) => raw,
         Err(err) => {
             let span = err.span().unwrap_or(0..0);
-            v.error(span, err.message().trim_end().to_owned());
+            // toml's messages can span lines ("invalid table header\nexpected ..."); a
+            // diagnostic is one line.
+            let message: Vec<&str> = err
+                .message()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            v.error(span, message.join(": "));
             return Err(v.diagnostics);
         }
     };
@@ -125,6 +133,8 @@ impl Validator<'_> {
             ),
             upstream_keepalive: self.duration(raw.upstream_keepalive, default.upstream_keepalive),
             websocket_idle: self.duration(raw.websocket_idle, default.websocket_idle),
+            websocket_half_closed: self
+                .duration(raw.websocket_half_closed, default.websocket_half_closed),
             drain: self.duration(raw.drain, default.drain),
         }
     }

@@ -239,13 +239,16 @@ impl Proxy {
         };
         let guard = self.tunnels.guard();
         let close = self.close_tunnels.clone();
-        let idle = self.snapshot.timeouts.websocket_idle;
+        let limits = tunnel::Limits {
+            idle: self.snapshot.timeouts.websocket_idle,
+            half_closed: self.snapshot.timeouts.websocket_half_closed,
+        };
         let stats = route.stats.clone();
         stats.tunnel_opened();
         tokio::spawn(async move {
             match tokio::try_join!(client, upstream) {
                 Ok((client, upstream)) => {
-                    tunnel::run(client, upstream, &labels, idle, close).await;
+                    tunnel::run(client, upstream, &labels, limits, close).await;
                 }
                 Err(err) => tracing::debug!(
                     route = %labels.route,
@@ -290,6 +293,12 @@ fn prepare_upstream_request(
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         *request.uri_mut() = Uri::from(path);
         request.headers_mut().insert(HOST, facts.host.clone());
+    } else if !request.headers().contains_key(HOST) {
+        // An HTTP/1.0 request without Host goes upstream as HTTP/1.1, which requires one:
+        // empty, as RFC 9112 §3.2 says for a target without an authority.
+        request
+            .headers_mut()
+            .insert(HOST, HeaderValue::from_static(""));
     }
     *request.version_mut() = Version::HTTP_11;
     let forwarding = headers::Forwarding {

@@ -6,7 +6,6 @@
 //! no buffer at all, unlike `tokio::io::copy_bidirectional`'s two 8 KiB buffers per tunnel.
 
 use std::cell::RefCell;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -36,6 +35,14 @@ pub struct Labels {
     pub upstream: String,
     pub server: String,
     pub client: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// No bytes either way for this long closes the tunnel.
+    pub idle: Duration,
+    /// Once one side has closed, this much silence from the other closes the tunnel.
+    pub half_closed: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,14 +79,14 @@ pub async fn run(
     client: Upgraded,
     upstream: Upgraded,
     labels: &Labels,
-    idle: Duration,
+    limits: Limits,
     close: Signal,
 ) -> Outcome {
     let started = Instant::now();
     let (client, early_client) = unwrap_tcp(client);
     let (upstream, early_upstream) = unwrap_tcp(upstream);
     let splice = Splice::new(client, early_client, upstream, early_upstream);
-    let outcome = drive(splice, idle, close).await;
+    let outcome = drive(splice, limits, close).await;
     let (result, outcome) = outcome;
     let duration_ms = started.elapsed().as_millis() as u64;
     match result {
@@ -164,22 +171,31 @@ impl AsyncWrite for Io {
     }
 }
 
+/// `idle` bounds silence in both directions; once one side has closed, the other gets only
+/// `half_closed` of silence, so a peer that never closes its end cannot pin the tunnel.
 async fn drive<A, B>(
     mut splice: Splice<A, B>,
-    idle: Duration,
+    limits: Limits,
     mut close: Signal,
 ) -> (io::Result<()>, Outcome)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut idle = limits.idle;
     // The timer is re-armed only when it fires, from the last activity the splice recorded,
     // so moving bytes never touches the timer wheel.
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
     let (result, forced) = loop {
         tokio::select! {
-            result = &mut splice => break (result, None),
+            event = std::future::poll_fn(|cx| splice.poll_event(cx)) => match event {
+                Event::Finished(result) => break (result, None),
+                Event::HalfClosed => {
+                    idle = idle.min(limits.half_closed);
+                    idle_timer.as_mut().reset(splice.last_activity + idle);
+                }
+            },
             () = &mut idle_timer => {
                 let deadline = splice.last_activity + idle;
                 if Instant::now() >= deadline {
@@ -202,7 +218,7 @@ where
     (result.map_err(|(_, err)| err), outcome)
 }
 
-/// Both directions of a tunnel as one future; completes when both have ended.
+/// Both directions of a tunnel; finished when both have ended.
 struct Splice<A, B> {
     client: A,
     upstream: B,
@@ -244,39 +260,50 @@ impl<A, B> Splice<A, B> {
     }
 }
 
-impl<A, B> Future for Splice<A, B>
+/// What one poll of a splice found worth telling its driver.
+enum Event {
+    /// One direction has just ended; the other may go on.
+    HalfClosed,
+    Finished(Result<(), (ClosedBy, io::Error)>),
+}
+
+impl<A, B> Splice<A, B>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    type Output = Result<(), (ClosedBy, io::Error)>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         let mut moved = false;
-        if !this.up.done {
-            let polled = this
-                .up
-                .poll(cx, &mut this.client, &mut this.upstream, &mut moved);
-            if let Poll::Ready(result) = polled {
-                result.map_err(|err| (ClosedBy::Client, err))?;
-                this.first_eof.get_or_insert(ClosedBy::Client);
+        let was_open = self.first_eof.is_none();
+        if !self.up.done {
+            if let Poll::Ready(result) =
+                self.up
+                    .poll(cx, &mut self.client, &mut self.upstream, &mut moved)
+            {
+                if let Err(err) = result {
+                    return Poll::Ready(Event::Finished(Err((ClosedBy::Client, err))));
+                }
+                self.first_eof.get_or_insert(ClosedBy::Client);
             }
         }
-        if !this.down.done {
-            let polled = this
-                .down
-                .poll(cx, &mut this.upstream, &mut this.client, &mut moved);
-            if let Poll::Ready(result) = polled {
-                result.map_err(|err| (ClosedBy::Upstream, err))?;
-                this.first_eof.get_or_insert(ClosedBy::Upstream);
+        if !self.down.done {
+            if let Poll::Ready(result) =
+                self.down
+                    .poll(cx, &mut self.upstream, &mut self.client, &mut moved)
+            {
+                if let Err(err) = result {
+                    return Poll::Ready(Event::Finished(Err((ClosedBy::Upstream, err))));
+                }
+                self.first_eof.get_or_insert(ClosedBy::Upstream);
             }
         }
         if moved {
-            this.last_activity = Instant::now();
+            self.last_activity = Instant::now();
         }
-        if this.up.done && this.down.done {
-            Poll::Ready(Ok(()))
+        if self.up.done && self.down.done {
+            Poll::Ready(Event::Finished(Ok(())))
+        } else if was_open && self.first_eof.is_some() {
+            Poll::Ready(Event::HalfClosed)
         } else {
             Poll::Pending
         }
