@@ -1,0 +1,10 @@
+//! wsgate's integration tests: one test binary (linking is the slow part on 2 cores), one
+//! module per area. Every socket is real and on 127.0.0.1:0, every await is bounded.
+
+mod support;
+
+mod config;
+mod errors;
+mod http;
+mod shutdown;
+mod websocket;

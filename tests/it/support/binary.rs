@@ -1,0 +1,247 @@
+//! The real `wsgate` binary as a child process: config files under the temp dir, runs bounded
+//! by a deadline, stderr read line by line on a thread, signals sent with `kill`.
+//!
+//! Waiting on a process has no event to await from std, so these waits poll `try_wait` with a
+//! short sleep, bounded in count and time.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::WAIT;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
+const POLL: Duration = Duration::from_millis(10);
+
+/// A file under the temp dir with a name no other test (or test run) uses; removed on drop.
+pub struct TempFile {
+    pub path: PathBuf,
+}
+
+impl TempFile {
+    pub fn new(name: &str, contents: &str) -> TempFile {
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNT.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("wsgate-it-{}-{n}-{name}.toml", std::process::id()));
+        std::fs::write(&path, contents).expect("write a temp config");
+        TempFile { path }
+    }
+
+    pub fn display(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn command(args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+fn read_all(pipe: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = BufReader::new(pipe).read_to_string(&mut text);
+        text
+    })
+}
+
+/// Waits for `child` to exit, killing it (and panicking) after `limit`.
+fn wait_bounded(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    let max_polls = limit.as_millis() / POLL.as_millis() + 1;
+    for _ in 0..max_polls {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("wsgate did not exit within {limit:?}");
+}
+
+/// Runs `wsgate ARGS` to completion.
+pub fn run(args: &[&str]) -> Output {
+    let mut child = command(args).spawn().expect("spawn wsgate");
+    let stdout = read_all(child.stdout.take().unwrap());
+    let stderr = read_all(child.stderr.take().unwrap());
+    let status = wait_bounded(&mut child, WAIT);
+    Output {
+        status,
+        stdout: stdout.join().unwrap().into_bytes(),
+        stderr: stderr.join().unwrap().into_bytes(),
+    }
+}
+
+/// `wsgate --config PATH` running in the background.
+pub struct Gateway {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Every stderr line read so far, for failure messages.
+    pub log: Vec<String>,
+}
+
+impl Gateway {
+    pub fn spawn(config: &Path) -> Gateway {
+        let config = config.to_str().expect("UTF-8 temp path");
+        let mut child = command(&["--config", config])
+            .spawn()
+            .expect("spawn wsgate");
+        let _ = read_all(child.stdout.take().unwrap());
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(strip_ansi(&line)).is_err() {
+                    break;
+                }
+            }
+        });
+        Gateway {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The first stderr line (from now on) containing `needle`.
+    pub fn wait_for_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        for _ in 0..100_000 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "no stderr line containing {needle:?}; log so far:\n{}",
+            self.log.join("\n")
+        );
+    }
+
+    /// The address the `listening` log line announces (the config binds port 0).
+    pub fn listening_address(&mut self) -> SocketAddr {
+        let line = self.wait_for_line("listening");
+        let address = line
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("address="))
+            .unwrap_or_else(|| panic!("no address= in {line:?}"));
+        address.parse().expect("a socket address")
+    }
+
+    /// Whether the process has installed handlers for SIGTERM and SIGINT (`SigCgt` in
+    /// /proc/PID/status); `None` where there is no /proc.
+    pub fn catches_term_and_int(&self) -> Option<bool> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let mask = status.lines().find_map(|l| l.strip_prefix("SigCgt:"))?;
+        let mask = u64::from_str_radix(mask.trim(), 16).ok()?;
+        // Bit n-1 stands for signal n: SIGINT is 2, SIGTERM is 15.
+        let wanted = (1 << (2 - 1)) | (1 << (15 - 1));
+        Some(mask & wanted == wanted)
+    }
+
+    /// Waits until SIGTERM and SIGINT are caught rather than fatal (bounded polling; returns
+    /// at once where /proc is missing).
+    pub fn wait_for_signal_handlers(&self) {
+        let deadline = Instant::now() + WAIT;
+        for _ in 0..2_000 {
+            if self.catches_term_and_int() != Some(false) {
+                return;
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(POLL);
+        }
+        panic!("wsgate never installed its SIGTERM/SIGINT handlers");
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`) with the `kill` command.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -s {name} failed");
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        wait_bounded(&mut self.child, limit)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls until a TCP connection to `addr` succeeds: bounded in attempts and time.
+pub fn wait_until_connectable(addr: SocketAddr) {
+    let deadline = Instant::now() + WAIT;
+    for _ in 0..2_000 {
+        if std::net::TcpStream::connect_timeout(&addr, WAIT).is_ok() {
+            return;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    panic!("{addr} never accepted a connection");
+}
+
+/// Removes terminal colour codes, in case the logger adds them anyway.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // Skip `[` ... up to the final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
