@@ -18,8 +18,14 @@ fn map(pairs: &[(&str, &str)]) -> HeaderMap {
 fn transforms(c: &mut Criterion) {
     let browser_request = map(&[
         ("host", "www.example.com"),
-        ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) Gecko/20100101 Firefox/128.0"),
-        ("accept", "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"),
+        (
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64) Gecko/20100101 Firefox/128.0",
+        ),
+        (
+            "accept",
+            "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+        ),
         ("accept-language", "en-US,en;q=0.5"),
         ("accept-encoding", "gzip, deflate, br"),
         ("connection", "keep-alive"),
@@ -32,7 +38,10 @@ fn transforms(c: &mut Criterion) {
         ("upgrade", "websocket"),
         ("sec-websocket-version", "13"),
         ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-        ("sec-websocket-extensions", "permessage-deflate; client_max_window_bits"),
+        (
+            "sec-websocket-extensions",
+            "permessage-deflate; client_max_window_bits",
+        ),
         ("origin", "https://www.example.com"),
     ]);
     let response = map(&[

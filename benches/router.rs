@@ -55,12 +55,20 @@ fn lookups(c: &mut Criterion) {
     let mut group = c.benchmark_group("route");
     for (name, host, path) in [
         ("exact_host", "api.example.com", "/v2/users/42"),
-        ("wildcard_host", "acme.tenants.example.com:8443", "/dashboard"),
+        (
+            "wildcard_host",
+            "acme.tenants.example.com:8443",
+            "/dashboard",
+        ),
         ("path_prefix", "www.example.com", "/ws/chat"),
         ("fallback", "www.example.com", "/index.html"),
     ] {
         group.bench_function(name, |b| {
-            b.iter(|| router.route(black_box(host), black_box(path)).map(|r| r.name.len()))
+            b.iter(|| {
+                router
+                    .route(black_box(host), black_box(path))
+                    .map(|r| r.name.len())
+            })
         });
     }
     group.finish();

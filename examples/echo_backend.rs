@@ -86,7 +86,8 @@ async fn handle(mut request: Request<Incoming>) -> Result<Response<Full<Bytes>>,
     let upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
-        let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
         // Runs until the stream ends, so that tungstenite can answer a close frame.
         while let Some(Ok(message)) = ws.next().await {
             if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
