@@ -167,8 +167,6 @@ fn binary_exits_0_on_sigterm_when_idle() {
     let response = blocking_get(addr, "/healthz");
     assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
     assert!(response.ends_with("\r\n\r\nup"), "{response}");
-    // Serving does not yet mean the signal handlers are installed (see the ignored test
-    // below), and a SIGTERM before that kills the process outright.
     gateway.wait_for_signal_handlers();
 
     gateway.signal("TERM");
@@ -176,11 +174,10 @@ fn binary_exits_0_on_sigterm_when_idle() {
     assert_eq!(status.code(), Some(0), "log:\n{}", gateway.log.join("\n"));
 }
 
-/// A gateway that answers requests must already drain on SIGTERM. `main` installs its
-/// handlers lazily, on the first poll of `signals()` inside `Server::run`, after the listeners
-/// are bound, announced and spawned: a SIGTERM in between kills the process (default action)
-/// with no drain. A race, so this tries several times; it fails most reliably on a loaded
-/// machine, e.g. under `taskset -c 0`.
+/// A gateway that answers requests must already drain on SIGTERM: the handlers have to be in
+/// place before the listeners bind, or a SIGTERM in between kills the process (default action)
+/// with no drain. That was a race, so this tries several times; it failed most reliably on a
+/// loaded machine, e.g. under `taskset -c 0`.
 #[test]
 fn binary_catches_sigterm_as_soon_as_it_serves() {
     let config = TempFile::new("early-sigterm", BINARY_CONFIG);
