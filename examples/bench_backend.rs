@@ -1,0 +1,275 @@
+//! The backend of the side-by-side benchmark (`benches/compare/`): the cheapest server that
+//! answers what the load generators send, so that the proxy in front of it is what gets measured.
+//!
+//! - `GET /big` answers 1 MiB; any other request answers a 6-byte body (keep-alive, HTTP/1.1).
+//! - A WebSocket upgrade on any path gets its `101` and then a raw byte echo: the client's masked
+//!   frames come back unchanged. The proxies under test are not frame-aware, and the load
+//!   generator only counts frame boundaries, so decoding frames here would only add cost. Frame
+//!   headers are watched (payloads skipped) for one thing: after echoing a close frame the
+//!   backend closes the TCP connection first, as RFC 6455 section 7.1.1 asks of servers, so that
+//!   TIME_WAIT stays on the server side and the handshake loop does not run out of client ports.
+//!
+//! One thread (a current-thread runtime); `run.sh` pins it to CPU 0 beside the load generator.
+//!
+//! ```text
+//! cargo run --release --example bench_backend -- --listen 127.0.0.1:19000
+//! ```
+
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{ready, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+/// Minimal HTTP + WebSocket echo backend for benches/compare.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:19000")]
+    listen: SocketAddr,
+}
+
+const SMALL_BODY: &[u8] = b"hello\n";
+const BIG_BODY_LEN: usize = 1 << 20;
+/// One read buffer for every tunnel on this thread: an echo needs no per-connection buffer
+/// except for what the socket would not take back at once.
+const ECHO_BUF_LEN: usize = 64 * 1024;
+
+thread_local! {
+    static ECHO_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; ECHO_BUF_LEN].into_boxed_slice());
+}
+
+fn main() -> io::Result<()> {
+    let args = Args::parse();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(args.listen))
+}
+
+async fn serve(addr: SocketAddr) -> io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    eprintln!("bench_backend listening on http://{addr}");
+    let big = Bytes::from(vec![b'x'; BIG_BODY_LEN]);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // EMFILE and friends: wait for connections to close instead of spinning.
+                eprintln!("accept: {err}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let big = big.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| respond(req, big.clone()));
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        });
+    }
+}
+
+async fn respond(
+    mut req: Request<Incoming>,
+    big: Bytes,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        let body = if req.uri().path() == "/big" {
+            big
+        } else {
+            Bytes::from_static(SMALL_BODY)
+        };
+        return Ok(Response::new(Full::new(body)));
+    };
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let Ok(accept) = HeaderValue::try_from(derive_accept_key(key.as_bytes())) else {
+        return Ok(status(StatusCode::BAD_REQUEST));
+    };
+    if !upgrade {
+        return Ok(status(StatusCode::BAD_REQUEST));
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = on_upgrade.await {
+            let _ = echo(upgraded).await;
+        }
+    });
+    let mut resp = status(StatusCode::SWITCHING_PROTOCOLS);
+    let headers = resp.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    Ok(resp)
+}
+
+fn status(code: StatusCode) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::default());
+    *resp.status_mut() = code;
+    resp
+}
+
+/// Echoes every byte back until the client closes, then closes too.
+async fn echo(upgraded: Upgraded) -> io::Result<()> {
+    let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => parts,
+        // Not a plain TCP socket (never the case here): a generic copy still echoes.
+        Err(upgraded) => {
+            let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+            tokio::io::copy(&mut rd, &mut wr).await?;
+            return wr.shutdown().await;
+        }
+    };
+    let mut stream = parts.io.into_inner();
+    // Bytes the client sent right behind its request head were read by hyper already.
+    let early = parts.read_buf;
+    if !early.is_empty() {
+        stream.write_all(&early).await?;
+    }
+    let mut watch = CloseWatch::default();
+    let mut closed = watch.feed(&early);
+    drop(early);
+    let mut unwritten = Vec::new();
+    loop {
+        if !unwritten.is_empty() {
+            stream.write_all(&unwritten).await?;
+            unwritten = Vec::new();
+        }
+        if closed {
+            // The close frame went back: close first (our FIN), then let the socket go.
+            return stream.shutdown().await;
+        }
+        // Read into the shared buffer and write straight back; keep only what the socket refused.
+        // `poll_read` rather than `readable` + `try_read`: after a short read, tokio forgets the
+        // readiness, which saves a read that would block on every message.
+        let read = poll_fn(|cx| {
+            ECHO_BUF.with(|buf| {
+                let buf = &mut buf.borrow_mut()[..];
+                let mut filled = ReadBuf::new(buf);
+                ready!(Pin::new(&mut stream).poll_read(cx, &mut filled))?;
+                let n = filled.filled().len();
+                let written = match stream.try_write(&buf[..n]) {
+                    Ok(written) => written,
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(err) => return Poll::Ready(Err(err)),
+                };
+                unwritten.extend_from_slice(&buf[written..n]);
+                closed = watch.feed(&buf[..n]);
+                Poll::Ready(Ok(n))
+            })
+        })
+        .await?;
+        if read == 0 {
+            return stream.shutdown().await;
+        }
+    }
+}
+
+/// Follows frame headers through the client's byte stream, skipping payloads, to notice a close
+/// frame. Only a header cut across two reads (at most 14 bytes) is kept.
+#[derive(Default)]
+struct CloseWatch {
+    /// Payload bytes of the current frame not seen yet.
+    payload_left: u64,
+    /// The current frame is a close frame.
+    in_close: bool,
+    head: [u8; 14],
+    head_len: usize,
+}
+
+impl CloseWatch {
+    /// Returns true once a whole close frame has gone by.
+    fn feed(&mut self, mut data: &[u8]) -> bool {
+        const OP_CLOSE: u8 = 0x8;
+        while !data.is_empty() {
+            if self.payload_left > 0 {
+                let skip = self.payload_left.min(data.len() as u64);
+                self.payload_left -= skip;
+                data = &data[skip as usize..];
+                if self.payload_left == 0 && self.in_close {
+                    return true;
+                }
+                continue;
+            }
+            self.head[self.head_len] = data[0];
+            self.head_len += 1;
+            data = &data[1..];
+            if self.head_len < 2 {
+                continue;
+            }
+            let len7 = self.head[1] & 0x7f;
+            let extended = match len7 {
+                126 => 2,
+                127 => 8,
+                _ => 0,
+            };
+            let mask = if self.head[1] & 0x80 != 0 { 4 } else { 0 };
+            if self.head_len < 2 + extended + mask {
+                continue;
+            }
+            self.payload_left = match extended {
+                0 => u64::from(len7),
+                n => self.head[2..2 + n]
+                    .iter()
+                    .fold(0, |acc, b| acc << 8 | u64::from(*b)),
+            };
+            self.in_close = self.head[0] & 0x0f == OP_CLOSE;
+            self.head_len = 0;
+            if self.payload_left == 0 && self.in_close {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CloseWatch;
+
+    #[test]
+    fn close_watch_sees_the_close_frame_only() {
+        // A masked 64-byte binary frame, a masked 300-byte one, then a masked close (status 1000).
+        let mut stream = vec![0x82, 0x80 | 64, 1, 2, 3, 4];
+        stream.extend([0u8; 64]);
+        stream.extend([0x82, 0x80 | 126, 0x01, 0x2c, 1, 2, 3, 4]);
+        stream.extend([0x88; 300]);
+        let close_at = stream.len();
+        stream.extend([0x88, 0x80 | 2, 1, 2, 3, 4, 0x03, 0xe8]);
+        for chunk in [1, 2, 5, 100, stream.len()] {
+            let mut watch = CloseWatch::default();
+            let mut seen = 0;
+            let mut end = None;
+            for piece in stream.chunks(chunk) {
+                seen += piece.len();
+                if watch.feed(piece) {
+                    end.get_or_insert(seen);
+                }
+            }
+            assert_eq!(end, Some(stream.len()), "chunk size {chunk}");
+            assert!(end.unwrap() > close_at);
+        }
+    }
+}

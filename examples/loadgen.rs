@@ -1,0 +1,876 @@
+//! The WebSocket load generator of the side-by-side benchmark (`benches/compare/`).
+//!
+//! One thread (a current-thread runtime; `run.sh` pins it to CPU 0 beside the backend), so that
+//! it costs as little as possible next to what it measures:
+//! - every frame is built and masked once, at start, and written from that one buffer;
+//! - the backend (`bench_backend`) echoes raw bytes, so replies are the frames we sent: echo mode
+//!   reads them into one buffer and compares, bulk mode only walks frame headers to count
+//!   messages (payload bytes are skipped, never copied).
+//!
+//! Modes: `echo` (ping-pong, msgs/s and latency), `echo_rate` (the same paced at `--rate` total
+//! messages per second), `bulk` (streams both ways with `--inflight` bytes outstanding per
+//! connection), `handshake` (connect + upgrade + close loops), `idle` and `idle_used` (open
+//! `--conns` WebSockets, one echo each, then hold them until SIGUSR1 so that the caller can read
+//! the proxy's memory). Throughput modes warm up for `--warmup` seconds, then measure a window of
+//! `--duration` seconds; the CPU time of `--cpu-pids` (the proxy) is read from `/proc` at both
+//! ends of that window. The result is one JSON line on stdout; progress goes to stderr.
+//!
+//! ```text
+//! cargo run --release --example loadgen -- --mode echo --addr 127.0.0.1:19001 --duration 10
+//! ```
+
+use std::cell::{Cell, RefCell};
+use std::fmt::Write as _;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, sleep_until, Instant};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+/// WebSocket load generator for benches/compare (one thread).
+#[derive(Debug, Parser)]
+struct Args {
+    /// What to measure.
+    #[arg(long, value_enum)]
+    mode: Mode,
+    /// The proxy's (or, for `direct`, the backend's) address.
+    #[arg(long, default_value = "127.0.0.1:19001")]
+    addr: SocketAddr,
+    /// Request path of the WebSocket upgrade.
+    #[arg(long, default_value = "/ws")]
+    path: String,
+    /// WebSocket connections (for `handshake`: concurrent connect/upgrade/close loops).
+    #[arg(long, default_value_t = 100)]
+    conns: usize,
+    /// Payload bytes per message [default: 64; bulk 16384; idle_used 65536].
+    #[arg(long)]
+    size: Option<usize>,
+    /// echo_rate: total messages per second over all connections.
+    #[arg(long, default_value_t = 20_000)]
+    rate: u64,
+    /// bulk: bytes sent and not yet echoed back, per connection.
+    #[arg(long, default_value_t = 256 * 1024)]
+    inflight: usize,
+    /// Seconds of load before the measured window.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Seconds in the measured window.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Processes whose CPU time (utime+stime) over the window is charged to the operations.
+    #[arg(long, value_delimiter = ',')]
+    cpu_pids: Vec<u32>,
+    /// Processes whose CPU use over the window is reported for information (the backend).
+    #[arg(long, value_delimiter = ',')]
+    side_pids: Vec<u32>,
+    /// Clock ticks per second of /proc/PID/stat (`getconf CLK_TCK`).
+    #[arg(long, default_value_t = 100)]
+    clk_tck: u64,
+    /// idle modes: created once every WebSocket is open; they are held until SIGUSR1.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// idle modes: give up holding after this many seconds even without SIGUSR1.
+    #[arg(long, default_value_t = 300.0)]
+    hold_max: f64,
+    /// idle modes: WebSockets being opened at the same time.
+    #[arg(long, default_value_t = 32)]
+    open_concurrency: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Echo,
+    #[value(name = "echo_rate")]
+    EchoRate,
+    Bulk,
+    Handshake,
+    Idle,
+    #[value(name = "idle_used")]
+    IdleUsed,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Echo => "echo",
+            Mode::EchoRate => "echo_rate",
+            Mode::Bulk => "bulk",
+            Mode::Handshake => "handshake",
+            Mode::Idle => "idle",
+            Mode::IdleUsed => "idle_used",
+        }
+    }
+
+    fn default_size(self) -> usize {
+        match self {
+            Mode::Bulk => 16 * 1024,
+            Mode::IdleUsed => 64 * 1024,
+            _ => 64,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("loadgen: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    match local.block_on(&runtime, run(args)) {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("loadgen: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> io::Result<String> {
+    let size = args.size.unwrap_or(args.mode.default_size());
+    let nofile = nofile_soft_limit();
+    let upgrade = Rc::new(Upgrade::new(&args.addr.to_string(), &args.path));
+    let stats = Rc::new(Stats::default());
+    let mut out = Json::new();
+    out.str("mode", args.mode.name())
+        .num("conns", args.conns as f64)
+        .num("size", size as f64);
+    if let Some(nofile) = nofile {
+        out.num("nofile_soft", nofile as f64);
+    }
+    match args.mode {
+        Mode::Echo | Mode::EchoRate => {
+            let frame: Rc<[u8]> = masked_frame(OP_BINARY, size).into();
+            let streams = open_all(&upgrade, args.addr, args.conns).await?;
+            let pace = (args.mode == Mode::EchoRate).then(|| {
+                let interval = Duration::from_secs_f64(args.conns as f64 / args.rate as f64);
+                (Instant::now() + Duration::from_millis(10), interval)
+            });
+            for (i, stream) in streams.into_iter().enumerate() {
+                let pace = pace.map(|(start, interval)| {
+                    // Spread the connections' sending slots evenly over one interval.
+                    let offset = interval.mul_f64(i as f64 / args.conns as f64);
+                    (start + offset, interval)
+                });
+                let task = echo_conn(stream, frame.clone(), size, stats.clone(), pace);
+                spawn_counted(task, stats.clone());
+            }
+            let window = measure(&args, &stats).await;
+            window.report(&mut out, &stats, &args);
+            stats.latency_report(&mut out);
+            if args.mode == Mode::EchoRate {
+                out.num("rate_target", args.rate as f64)
+                    .num("late_sends", stats.late.get() as f64);
+            }
+        }
+        Mode::Bulk => {
+            let frame_len = masked_frame(OP_BINARY, size).len();
+            let count = (args.inflight / frame_len).max(1);
+            let frames: Rc<[u8]> = masked_frame(OP_BINARY, size).repeat(count).into();
+            let streams = open_all(&upgrade, args.addr, args.conns).await?;
+            for stream in streams {
+                let task = bulk_conn(
+                    stream,
+                    frames.clone(),
+                    frame_len,
+                    size,
+                    args.inflight,
+                    stats.clone(),
+                );
+                spawn_counted(task, stats.clone());
+            }
+            let window = measure(&args, &stats).await;
+            window.report(&mut out, &stats, &args);
+            out.num("inflight", args.inflight as f64)
+                .num("mb_per_s", stats.bytes.get() as f64 / window.secs / 1e6);
+        }
+        Mode::Handshake => {
+            let close: Rc<[u8]> = masked_close_frame().into();
+            for _ in 0..args.conns {
+                let task = handshake_loop(args.addr, upgrade.clone(), close.clone(), stats.clone());
+                tokio::task::spawn_local(task);
+            }
+            let window = measure(&args, &stats).await;
+            window.report(&mut out, &stats, &args);
+            stats.latency_report(&mut out);
+        }
+        Mode::Idle | Mode::IdleUsed => {
+            if let Some(nofile) = nofile {
+                if args.conns as u64 + 64 > nofile {
+                    return Err(io::Error::other(format!(
+                        "--conns {} does not fit RLIMIT_NOFILE {nofile} (soft); raise it with `ulimit -n`",
+                        args.conns
+                    )));
+                }
+            }
+            hold_idle(&args, &upgrade, size, &stats, &mut out).await?;
+        }
+    }
+    out.num("errors", stats.errors.get() as f64);
+    if let Some(err) = stats.first_error.borrow().as_deref() {
+        out.str("first_error", err);
+    }
+    Ok(out.finish())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurement
+
+/// Everything the connection tasks report; they count only while `recording` is set.
+#[derive(Default)]
+struct Stats {
+    recording: Cell<bool>,
+    /// Messages echoed or handshakes completed inside the window.
+    ops: Cell<u64>,
+    /// Payload bytes echoed inside the window.
+    bytes: Cell<u64>,
+    /// Nanoseconds per operation inside the window (saturating at 4.29 s).
+    latencies: RefCell<Vec<u32>>,
+    /// echo_rate: sends that missed their slot by more than one interval.
+    late: Cell<u64>,
+    errors: Cell<u64>,
+    first_error: RefCell<Option<String>>,
+}
+
+impl Stats {
+    fn done(&self, ops: u64, bytes: u64, latency: Option<Duration>) {
+        if !self.recording.get() {
+            return;
+        }
+        self.ops.set(self.ops.get() + ops);
+        self.bytes.set(self.bytes.get() + bytes);
+        if let Some(latency) = latency {
+            let nanos = u32::try_from(latency.as_nanos()).unwrap_or(u32::MAX);
+            self.latencies.borrow_mut().push(nanos);
+        }
+    }
+
+    fn error(&self, err: &io::Error) {
+        self.errors.set(self.errors.get() + 1);
+        let mut first = self.first_error.borrow_mut();
+        if first.is_none() {
+            eprintln!("loadgen: first error: {err}");
+            *first = Some(err.to_string());
+        }
+    }
+
+    fn latency_report(&self, out: &mut Json) {
+        let mut lat = self.latencies.borrow_mut();
+        if lat.is_empty() {
+            return;
+        }
+        lat.sort_unstable();
+        let at = |q: f64| {
+            let i = ((lat.len() as f64 * q) as usize).min(lat.len() - 1);
+            f64::from(lat[i]) / 1e3
+        };
+        out.num("p50_us", at(0.50))
+            .num("p99_us", at(0.99))
+            .num("p999_us", at(0.999))
+            .num("max_us", at(1.0));
+    }
+}
+
+struct Window {
+    secs: f64,
+    /// CPU seconds used by `--cpu-pids`, `--side-pids` and this process over the window.
+    cpu: Option<f64>,
+    side_cpu: Option<f64>,
+    own_cpu: Option<f64>,
+}
+
+/// Warms up, then records for `--duration` seconds and reads CPU times at both ends.
+async fn measure(args: &Args, stats: &Stats) -> Window {
+    sleep(Duration::from_secs_f64(args.warmup)).await;
+    let own = [std::process::id()];
+    let before = (
+        cpu_ticks(&args.cpu_pids),
+        cpu_ticks(&args.side_pids),
+        cpu_ticks(&own),
+    );
+    let started = Instant::now();
+    stats.recording.set(true);
+    sleep(Duration::from_secs_f64(args.duration)).await;
+    stats.recording.set(false);
+    let secs = started.elapsed().as_secs_f64();
+    let after = (
+        cpu_ticks(&args.cpu_pids),
+        cpu_ticks(&args.side_pids),
+        cpu_ticks(&own),
+    );
+    let tick = 1.0 / args.clk_tck as f64;
+    let used = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?) as f64 * tick);
+    Window {
+        secs,
+        cpu: used(before.0, after.0),
+        side_cpu: used(before.1, after.1),
+        own_cpu: used(before.2, after.2),
+    }
+}
+
+impl Window {
+    fn report(&self, out: &mut Json, stats: &Stats, args: &Args) {
+        let ops = stats.ops.get();
+        out.num("duration_s", self.secs)
+            .num("ops", ops as f64)
+            .num("ops_per_s", ops as f64 / self.secs);
+        if let (Some(cpu), false) = (self.cpu, args.cpu_pids.is_empty()) {
+            out.num("proxy_cpu_s", cpu);
+            if ops > 0 {
+                out.num("cpu_us_per_op", cpu * 1e6 / ops as f64);
+            }
+        }
+        if let (Some(cpu), false) = (self.side_cpu, args.side_pids.is_empty()) {
+            out.num("backend_cpu_pct", cpu * 100.0 / self.secs);
+        }
+        if let Some(cpu) = self.own_cpu {
+            out.num("loadgen_cpu_pct", cpu * 100.0 / self.secs);
+        }
+    }
+}
+
+/// Sum of utime+stime (in clock ticks) of the processes, from /proc/PID/stat; None if one is gone.
+fn cpu_ticks(pids: &[u32]) -> Option<u64> {
+    let mut total = 0;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name may hold spaces and parentheses: fields are counted after the last ')'.
+        let fields = stat.get(stat.rfind(')')? + 1..)?;
+        let mut fields = fields.split_whitespace();
+        // The first field here is field 3 (state); utime and stime are fields 14 and 15.
+        let utime: u64 = fields.nth(11)?.parse().ok()?;
+        let stime: u64 = fields.next()?.parse().ok()?;
+        total += utime + stime;
+    }
+    Some(total)
+}
+
+/// The soft RLIMIT_NOFILE of this process, from /proc/self/limits.
+fn nofile_soft_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket wire format, prepared once
+
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+/// Clients must mask; the key is fixed because the backend never unmasks.
+const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// A final client frame of `len` payload bytes, masked.
+fn masked_frame(opcode: u8, len: usize) -> Vec<u8> {
+    let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+    masked_frame_with(opcode, &payload)
+}
+
+fn masked_frame_with(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(payload.len() + 14);
+    frame.push(0x80 | opcode);
+    match payload.len() {
+        len @ 0..=125 => frame.push(0x80 | len as u8),
+        len @ 126..=0xffff => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        len => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&MASK);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    frame
+}
+
+/// A close frame with status 1000 (normal closure).
+fn masked_close_frame() -> Vec<u8> {
+    masked_frame_with(OP_CLOSE, &1000u16.to_be_bytes())
+}
+
+/// Finds frame boundaries in a byte stream without copying payloads: only the (at most 14)
+/// header bytes of a frame cut across two reads are kept.
+#[derive(Default)]
+struct FrameCounter {
+    /// Payload bytes still to skip in the current frame.
+    payload_left: u64,
+    head: [u8; 14],
+    head_len: usize,
+}
+
+impl FrameCounter {
+    /// Returns how many frames ended within `data`.
+    fn feed(&mut self, mut data: &[u8]) -> io::Result<u64> {
+        let mut frames = 0;
+        while !data.is_empty() {
+            if self.payload_left > 0 {
+                let skip = self.payload_left.min(data.len() as u64);
+                self.payload_left -= skip;
+                data = &data[skip as usize..];
+                if self.payload_left == 0 {
+                    frames += 1;
+                }
+                continue;
+            }
+            // A header: FIN/opcode, MASK/len7, then 0, 2 or 8 length bytes and 0 or 4 mask bytes.
+            self.head[self.head_len] = data[0];
+            self.head_len += 1;
+            data = &data[1..];
+            if self.head_len < 2 {
+                continue;
+            }
+            let len7 = self.head[1] & 0x7f;
+            let extended = match len7 {
+                126 => 2,
+                127 => 8,
+                _ => 0,
+            };
+            let mask = if self.head[1] & 0x80 != 0 { 4 } else { 0 };
+            if self.head_len < 2 + extended + mask {
+                continue;
+            }
+            let len = match extended {
+                0 => u64::from(len7),
+                n => self.head[2..2 + n]
+                    .iter()
+                    .fold(0u64, |acc, b| acc << 8 | u64::from(*b)),
+            };
+            if self.head[0] & 0x70 != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "echoed frame has reserved bits set: the stream is corrupt",
+                ));
+            }
+            self.head_len = 0;
+            self.payload_left = len;
+            if len == 0 {
+                frames += 1;
+            }
+        }
+        Ok(frames)
+    }
+}
+
+/// The HTTP/1.1 upgrade request, written as prepared bytes.
+struct Upgrade {
+    request: Vec<u8>,
+    /// `Sec-WebSocket-Accept` the `101` must carry.
+    accept: String,
+}
+
+impl Upgrade {
+    fn new(host: &str, path: &str) -> Self {
+        // A fixed key (RFC 6455 asks for a fresh random one per connection; servers cannot tell).
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        Upgrade {
+            request: request.into_bytes(),
+            accept: derive_accept_key(key.as_bytes()),
+        }
+    }
+
+    /// Connects and upgrades; the stream returned is positioned at the first WebSocket byte.
+    async fn open(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        stream.write_all(&self.request).await?;
+        let mut head = [0u8; 2048];
+        let mut len = 0;
+        let end = loop {
+            if len == head.len() {
+                return Err(invalid("response head larger than 2 KiB"));
+            }
+            let n = stream.read(&mut head[len..]).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before the response head",
+                ));
+            }
+            len += n;
+            if let Some(at) = find(&head[..len], b"\r\n\r\n") {
+                break at + 4;
+            }
+        };
+        let head = &head[..len];
+        if !head.starts_with(b"HTTP/1.1 101") {
+            let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+            return Err(invalid(&format!(
+                "upgrade refused: {}",
+                String::from_utf8_lossy(line)
+            )));
+        }
+        if find(&head[..end], self.accept.as_bytes()).is_none() {
+            return Err(invalid("101 without the expected Sec-WebSocket-Accept"));
+        }
+        if end != len {
+            return Err(invalid("bytes after the 101 before any message was sent"));
+        }
+        Ok(stream)
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn invalid(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_owned())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The modes
+
+/// Opens `n` WebSockets one after the other; any failure fails the run.
+async fn open_all(upgrade: &Upgrade, addr: SocketAddr, n: usize) -> io::Result<Vec<TcpStream>> {
+    let mut streams = Vec::with_capacity(n);
+    for _ in 0..n {
+        streams.push(upgrade.open(addr).await?);
+    }
+    Ok(streams)
+}
+
+/// Runs a connection task; its error (a connection that stopped) is counted.
+fn spawn_counted(
+    task: impl std::future::Future<Output = io::Result<()>> + 'static,
+    stats: Rc<Stats>,
+) -> JoinHandle<()> {
+    tokio::task::spawn_local(async move {
+        if let Err(err) = task.await {
+            stats.error(&err);
+        }
+    })
+}
+
+/// Ping-pong: one message out, wait for its echo, again; paced to a slot per interval if asked.
+async fn echo_conn(
+    mut stream: TcpStream,
+    frame: Rc<[u8]>,
+    payload: usize,
+    stats: Rc<Stats>,
+    pace: Option<(Instant, Duration)>,
+) -> io::Result<()> {
+    // Larger than a reply, so that reading one whole reply is a short read: tokio then forgets
+    // the socket's readiness and waits for epoll, instead of trying a read that would block.
+    let mut reply = vec![0u8; frame.len() + 4096];
+    let mut slot = pace.map(|(start, _)| start);
+    loop {
+        if let (Some(at), Some((_, interval))) = (slot.as_mut(), pace) {
+            sleep_until(*at).await;
+            let now = Instant::now();
+            // An echo slower than a whole interval makes us miss slots: count it and carry on
+            // from now rather than send a catch-up burst.
+            if now > *at + interval {
+                if stats.recording.get() {
+                    stats.late.set(stats.late.get() + 1);
+                }
+                *at = now;
+            }
+            *at += interval;
+        }
+        let sent = Instant::now();
+        stream.write_all(&frame).await?;
+        let mut got = 0;
+        while got < frame.len() {
+            match stream.read(&mut reply[got..]).await? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => got += n,
+            }
+        }
+        if reply[..got] != frame[..] {
+            return Err(invalid("echo differs from the message sent"));
+        }
+        stats.done(1, payload as u64, Some(sent.elapsed()));
+    }
+}
+
+/// Streams frames both ways with at most `inflight` bytes sent and not yet echoed.
+async fn bulk_conn(
+    mut stream: TcpStream,
+    frames: Rc<[u8]>,
+    frame_len: usize,
+    payload: usize,
+    inflight: usize,
+    stats: Rc<Stats>,
+) -> io::Result<()> {
+    let (rd, wr) = stream.split();
+    let flow = Flow {
+        sent: Cell::new(0),
+        received: Cell::new(0),
+        room: Notify::new(),
+    };
+    let min_write = frame_len.min(inflight) as u64;
+    tokio::try_join!(
+        bulk_write(wr, &frames, inflight as u64, min_write, &flow),
+        bulk_read(rd, payload as u64, &flow, &stats),
+    )?;
+    Ok(())
+}
+
+struct Flow {
+    sent: Cell<u64>,
+    received: Cell<u64>,
+    /// Signalled by the reader when echoed bytes make room in the window.
+    room: Notify,
+}
+
+async fn bulk_write(
+    mut wr: WriteHalf<'_>,
+    frames: &[u8],
+    inflight: u64,
+    min_write: u64,
+    flow: &Flow,
+) -> io::Result<()> {
+    loop {
+        let room = inflight.saturating_sub(flow.sent.get() - flow.received.get());
+        if room < min_write {
+            flow.room.notified().await;
+            continue;
+        }
+        // `frames` holds whole frames back to back, so cycling through it is a valid stream.
+        let at = (flow.sent.get() % frames.len() as u64) as usize;
+        let end = frames.len().min(at + room as usize);
+        let n = wr.write(&frames[at..end]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        flow.sent.set(flow.sent.get() + n as u64);
+    }
+}
+
+async fn bulk_read(
+    mut rd: ReadHalf<'_>,
+    payload: u64,
+    flow: &Flow,
+    stats: &Stats,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut counter = FrameCounter::default();
+    loop {
+        let n = rd.read(&mut buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let frames = counter.feed(&buf[..n])?;
+        flow.received.set(flow.received.get() + n as u64);
+        stats.done(frames, frames * payload, None);
+        flow.room.notify_one();
+    }
+}
+
+/// Connect, upgrade, close handshake, wait for the server to close the connection; again.
+async fn handshake_loop(addr: SocketAddr, upgrade: Rc<Upgrade>, close: Rc<[u8]>, stats: Rc<Stats>) {
+    let mut reply = vec![0u8; close.len()];
+    loop {
+        let started = Instant::now();
+        match handshake_once(addr, &upgrade, &close, &mut reply).await {
+            Ok(()) => stats.done(1, 0, Some(started.elapsed())),
+            Err(err) => {
+                stats.error(&err);
+                sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn handshake_once(
+    addr: SocketAddr,
+    upgrade: &Upgrade,
+    close: &[u8],
+    reply: &mut [u8],
+) -> io::Result<()> {
+    let mut stream = upgrade.open(addr).await?;
+    stream.write_all(close).await?;
+    stream.read_exact(reply).await?;
+    if reply != close {
+        return Err(invalid("close frame echo differs"));
+    }
+    // As RFC 6455 (7.1.1) asks, the server closes the TCP connection first (bench_backend does,
+    // and the proxy passes its FIN on), so TIME_WAIT does not pile up on the client's ports. The
+    // tunnel's teardown is part of the loop.
+    let mut rest = [0u8; 16];
+    match stream.read(&mut rest).await? {
+        0 => Ok(()),
+        _ => Err(invalid("bytes after the close frame")),
+    }
+}
+
+/// Opens `--conns` WebSockets (one echo of `size` bytes each), signals readiness, holds them
+/// until SIGUSR1 (or SIGTERM/SIGINT, or `--hold-max`), then reports how many survived.
+async fn hold_idle(
+    args: &Args,
+    upgrade: &Rc<Upgrade>,
+    size: usize,
+    stats: &Rc<Stats>,
+    out: &mut Json,
+) -> io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut release = signal(SignalKind::user_defined1())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+
+    let frame: Rc<[u8]> = masked_frame(OP_BINARY, size).into();
+    let held = Rc::new(RefCell::new(Vec::with_capacity(args.conns)));
+    let next = Rc::new(Cell::new(0usize));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..args.open_concurrency.max(1) {
+        let (upgrade, frame, held, next, stats) = (
+            upgrade.clone(),
+            frame.clone(),
+            held.clone(),
+            next.clone(),
+            stats.clone(),
+        );
+        let (addr, conns) = (args.addr, args.conns);
+        workers.push(tokio::task::spawn_local(async move {
+            while next.get() < conns {
+                next.set(next.get() + 1);
+                match open_and_echo(&upgrade, addr, &frame).await {
+                    Ok(stream) => held.borrow_mut().push(stream),
+                    Err(err) => stats.error(&err),
+                }
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.map_err(io::Error::other)?;
+    }
+    let open_secs = started.elapsed().as_secs_f64();
+    let open = held.borrow().len();
+    eprintln!(
+        "loadgen: {open} of {} WebSockets open in {open_secs:.1} s; holding until SIGUSR1",
+        args.conns
+    );
+    if let Some(path) = &args.ready_file {
+        std::fs::write(path, format!("{open}\n"))?;
+    }
+    let held_secs = Instant::now();
+    tokio::select! {
+        _ = release.recv() => {}
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        _ = sleep(Duration::from_secs_f64(args.hold_max)) => {}
+    }
+    // A WebSocket the proxy closed while idle reads as EOF (or an error) now.
+    let mut closed = 0;
+    let mut scratch = [0u8; 64];
+    for stream in held.borrow().iter() {
+        match stream.try_read(&mut scratch) {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            _ => closed += 1,
+        }
+    }
+    out.num("conns_open", open as f64)
+        .num("open_s", open_secs)
+        .num("held_s", held_secs.elapsed().as_secs_f64())
+        .num("closed_while_held", f64::from(closed));
+    Ok(())
+}
+
+async fn open_and_echo(upgrade: &Upgrade, addr: SocketAddr, frame: &[u8]) -> io::Result<TcpStream> {
+    let mut stream = upgrade.open(addr).await?;
+    let mut reply = vec![0u8; frame.len()];
+    {
+        // Write and read at once: a 64 KiB message need not fit the socket buffers.
+        let (mut rd, mut wr) = stream.split();
+        tokio::try_join!(wr.write_all(frame), rd.read_exact(&mut reply))?;
+    }
+    if reply != frame {
+        return Err(invalid("echo differs from the message sent"));
+    }
+    Ok(stream)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output
+
+/// One flat JSON object, built by hand (numbers and strings only).
+struct Json(String);
+
+impl Json {
+    fn new() -> Self {
+        Json(String::from("{"))
+    }
+
+    fn key(&mut self, key: &str) {
+        if self.0.len() > 1 {
+            self.0.push(',');
+        }
+        let _ = write!(self.0, "\"{key}\":");
+    }
+
+    fn num(&mut self, key: &str, value: f64) -> &mut Self {
+        self.key(key);
+        if value.is_finite() {
+            let _ = write!(self.0, "{}", (value * 1000.0).round() / 1000.0);
+        } else {
+            self.0.push_str("null");
+        }
+        self
+    }
+
+    fn str(&mut self, key: &str, value: &str) -> &mut Self {
+        self.key(key);
+        self.0.push('"');
+        for c in value.chars() {
+            match c {
+                '"' => self.0.push_str("\\\""),
+                '\\' => self.0.push_str("\\\\"),
+                c if u32::from(c) < 0x20 => {
+                    let _ = write!(self.0, "\\u{:04x}", u32::from(c));
+                }
+                c => self.0.push(c),
+            }
+        }
+        self.0.push('"');
+        self
+    }
+
+    fn finish(mut self) -> String {
+        self.0.push('}');
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_finds_frames_split_anywhere() {
+        let mut stream = masked_frame(OP_BINARY, 64);
+        stream.extend(masked_frame(OP_BINARY, 16 * 1024));
+        stream.extend(masked_frame(OP_BINARY, 70_000));
+        stream.extend(masked_close_frame());
+        for chunk in [1, 3, 7, 1000, stream.len()] {
+            let mut counter = FrameCounter::default();
+            let frames: u64 = stream.chunks(chunk).map(|c| counter.feed(c).unwrap()).sum();
+            assert_eq!(frames, 4, "chunk size {chunk}");
+        }
+    }
+}
