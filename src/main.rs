@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use wsgate::{config, telemetry, Server};
 
+/// Requests and handshakes allocate many small, short-lived objects (header maps, channel
+/// cells, task cells); mimalloc serves those without glibc's bin management and trimming.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A reverse proxy whose core is WebSocket passthrough.
 #[derive(Debug, Parser)]
 #[command(version)]
