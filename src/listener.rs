@@ -47,16 +47,9 @@ impl Listener {
             match accepted {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(10);
-                    let info = match stream.local_addr() {
-                        Ok(local) => ConnInfo {
-                            listener: self.name.clone(),
-                            peer,
-                            local,
-                        },
-                        Err(err) => {
-                            tracing::debug!(%peer, error = %err, "connection gone before serving");
-                            continue;
-                        }
+                    let info = ConnInfo {
+                        listener: self.name.clone(),
+                        peer,
                     };
                     let task = serve_connection(
                         stream,

@@ -44,12 +44,12 @@ impl Snapshot {
     }
 }
 
-/// The client connection a request arrived on, computed once per connection.
+/// The client connection a request arrived on, computed once per connection. Only what is
+/// used is here: each fact can cost a syscall per connection (the local address does).
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub listener: Arc<str>,
     pub peer: SocketAddr,
-    pub local: SocketAddr,
 }
 
 #[derive(Debug)]

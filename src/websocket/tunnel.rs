@@ -276,10 +276,11 @@ where
         let mut moved = false;
         let was_open = self.first_eof.is_none();
         if !self.up.done {
-            if let Poll::Ready(result) =
-                self.up
-                    .poll(cx, &mut self.client, &mut self.upstream, &mut moved)
-            {
+            let last = self.down.done;
+            let polled = self
+                .up
+                .poll(cx, &mut self.client, &mut self.upstream, last, &mut moved);
+            if let Poll::Ready(result) = polled {
                 if let Err(err) = result {
                     return Poll::Ready(Event::Finished(Err((ClosedBy::Client, err))));
                 }
@@ -287,10 +288,11 @@ where
             }
         }
         if !self.down.done {
-            if let Poll::Ready(result) =
-                self.down
-                    .poll(cx, &mut self.upstream, &mut self.client, &mut moved)
-            {
+            let last = self.up.done;
+            let polled = self
+                .down
+                .poll(cx, &mut self.upstream, &mut self.client, last, &mut moved);
+            if let Poll::Ready(result) = polled {
                 if let Err(err) = result {
                     return Poll::Ready(Event::Finished(Err((ClosedBy::Upstream, err))));
                 }
@@ -312,11 +314,14 @@ where
 
 impl Half {
     /// Ready once this direction saw EOF, delivered everything and shut the writer down.
+    /// `last`: the other direction is over, so both sockets close as soon as this one ends,
+    /// and closing sends the FIN: an explicit shutdown would be a wasted syscall.
     fn poll<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
+        last: bool,
         moved: &mut bool,
     ) -> Poll<io::Result<()>>
     where
@@ -342,7 +347,12 @@ impl Half {
             }
             if self.read_done {
                 // The peer may already be gone; its write side is closed either way.
-                let _ = ready!(Pin::new(&mut *writer).poll_shutdown(cx));
+                let _ = if last {
+                    // Buffering writers (TLS, HTTP/2) must still hand over what they hold.
+                    ready!(Pin::new(&mut *writer).poll_flush(cx))
+                } else {
+                    ready!(Pin::new(&mut *writer).poll_shutdown(cx))
+                };
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
