@@ -4,7 +4,8 @@
 //!
 //! - `config`: the TOML file, validated into the types every other module shares.
 //! - `server`: binds the listeners, serves, turns a shutdown into a drain.
-//! - `listener`: the accept loop and the hyper connection for each client.
+//! - `listener`: the accept loop, the TLS step, and the hyper connection for each client.
+//! - `tls`: certificates by SNI, rustls server configs, the bounded handshake.
 //! - `proxy`: one request's life: route, classify, forward, relay or tunnel.
 //! - `router`: host and path to a route.
 //! - `upstream`: server choice, connections and pooling, the lease that counts load.
@@ -19,6 +20,7 @@ pub mod router;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 pub mod websocket;
 

@@ -1,38 +1,72 @@
-//! The accept loop of one listener: it never exits on a bad connection, sets TCP_NODELAY,
-//! describes each connection once, and serves it with hyper until done or drained.
+//! The accept loop of one listener: it never exits on a bad connection, sets TCP_NODELAY, runs
+//! the TLS step when the listener has one, describes each connection once, and serves it with
+//! hyper (HTTP/1.1, or HTTP/2 by ALPN or h2c preface) until done or drained.
 
 use std::convert::Infallible;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
+use hyper::body::Incoming;
+use hyper::rt::{Read, Write};
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Limits, Timeouts};
-use crate::proxy::{ConnInfo, Proxy};
+use crate::proxy::{error::PLAIN_HTTP_TO_TLS_PORT, ConnInfo, Proxy, TlsInfo};
 use crate::shutdown::{Signal, Tracker};
+use crate::tls;
 
 /// After an accept error that is not one connection's fault (EMFILE, ENOBUFS), wait before
 /// the next accept, doubling up to this, so the loop neither spins nor gives up.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+/// nginx's http2_max_concurrent_streams.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
+/// What a client sends first when it speaks HTTP/2 without TLS (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 pub struct Listener {
     pub name: Arc<str>,
     pub socket: TcpListener,
-    pub http: Arc<http1::Builder>,
+    pub protocols: Arc<Protocols>,
+    pub tls: Option<TlsAcceptor>,
+    /// Failed TLS handshakes, for operators to watch.
+    pub tls_failures: Arc<AtomicU64>,
 }
 
-/// One hyper builder per listener, configured once.
-pub fn http1_builder(timeouts: &Timeouts, limits: &Limits) -> http1::Builder {
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(timeouts.request_header)
-        .max_header_size(limits.request_header_bytes);
-    builder
+/// The hyper builders of one listener, configured once.
+pub struct Protocols {
+    http1: http1::Builder,
+    /// With TLS, offered by ALPN; without, taken when a client opens with the h2c preface.
+    http2: Option<http2::Builder<TokioExecutor>>,
+    timeouts: Timeouts,
+}
+
+impl Protocols {
+    pub fn new(timeouts: &Timeouts, limits: &Limits, http2: bool) -> Protocols {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(timeouts.request_header)
+            .max_header_size(limits.request_header_bytes);
+        let h2 = http2.then(|| {
+            let mut h2 = http2::Builder::new(TokioExecutor::new());
+            h2.timer(TokioTimer::new())
+                .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+                .max_header_list_size(limits.request_header_bytes as u32);
+            h2
+        });
+        Protocols {
+            http1: h1,
+            http2: h2,
+            timeouts: *timeouts,
+        }
+    }
 }
 
 impl Listener {
@@ -47,15 +81,20 @@ impl Listener {
             match accepted {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(10);
-                    let info = ConnInfo {
-                        listener: self.name.clone(),
-                        peer,
+                    let connection = Connection {
+                        proxy: proxy.clone(),
+                        info: ConnInfo {
+                            listener: self.name.clone(),
+                            peer,
+                            tls: None,
+                        },
                     };
                     let task = serve_connection(
                         stream,
-                        info,
-                        proxy.clone(),
-                        self.http.clone(),
+                        connection,
+                        self.protocols.clone(),
+                        self.tls.clone(),
+                        self.tls_failures.clone(),
                         drain.clone(),
                     );
                     let guard = connections.guard();
@@ -100,29 +139,139 @@ struct Connection {
 
 async fn serve_connection(
     stream: TcpStream,
-    info: ConnInfo,
-    proxy: Arc<Proxy>,
-    http: Arc<http1::Builder>,
-    mut drain: Signal,
+    mut connection: Connection,
+    protocols: Arc<Protocols>,
+    tls: Option<TlsAcceptor>,
+    tls_failures: Arc<AtomicU64>,
+    drain: Signal,
 ) {
     let _ = stream.set_nodelay(true);
-    let peer = info.peer;
+    let peer = connection.info.peer;
+    let Some(acceptor) = tls else {
+        let h2 = protocols.http2.is_some() && opens_with_h2_preface(&stream, &protocols).await;
+        return serve_http(TokioIo::new(stream), h2, connection, &protocols, drain).await;
+    };
+    match tls::accept(&acceptor, stream, protocols.timeouts.tls_handshake).await {
+        Ok(tls::Accepted::Tls(stream, facts)) => {
+            connection.info.tls = Some(TlsInfo {
+                sni: facts.sni,
+                h2: facts.h2,
+            });
+            serve_http(
+                TokioIo::new(*stream),
+                facts.h2,
+                connection,
+                &protocols,
+                drain,
+            )
+            .await;
+        }
+        Ok(tls::Accepted::PlainHttp(stream)) => {
+            tls_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, listener = %connection.info.listener, "plain HTTP sent to a TLS port: answered 400");
+            refuse_plain_http(stream).await;
+        }
+        Err(err) => {
+            tls_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                %peer,
+                listener = %connection.info.listener,
+                failure = err.kind(),
+                error = %crate::telemetry::error_chain(&err),
+                "TLS handshake failed"
+            );
+        }
+    }
+}
+
+/// Waits (within the request-header timeout) until the first bytes tell HTTP/2's preface from
+/// an HTTP/1 request line. Only peeks: hyper reads the bytes afterwards.
+async fn opens_with_h2_preface(stream: &TcpStream, protocols: &Protocols) -> bool {
+    let sniff = async {
+        let mut buf = [0u8; H2_PREFACE.len()];
+        // Each round waits for more bytes; a preface arrives in one or a few segments.
+        for _ in 0..H2_PREFACE.len() {
+            let n = match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            if buf[..n] != H2_PREFACE[..n] {
+                return false;
+            }
+            if n == H2_PREFACE.len() {
+                return true;
+            }
+            if stream.readable().await.is_err() {
+                return false;
+            }
+        }
+        false
+    };
+    tokio::time::timeout(protocols.timeouts.request_header, sniff)
+        .await
+        .unwrap_or(false)
+}
+
+/// Answers a plain-HTTP client on a TLS port the way nginx does, then closes gracefully:
+/// reading what it sent keeps the kernel from resetting the connection over our answer.
+async fn refuse_plain_http(mut stream: TcpStream) {
+    let answer = async {
+        stream.write_all(PLAIN_HTTP_TO_TLS_PORT).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        for _ in 0..16 {
+            if stream.read(&mut sink).await? == 0 {
+                break;
+            }
+        }
+        Ok::<_, io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+}
+
+async fn serve_http<I>(
+    io: I,
+    h2: bool,
+    connection: Connection,
+    protocols: &Protocols,
+    mut drain: Signal,
+) where
+    I: Read + Write + Unpin + Send + 'static,
+{
+    let peer = connection.info.peer;
     // One Arc clone per request, holding both the proxy and the connection's description.
-    let connection = Arc::new(Connection { proxy, info });
-    let service = service_fn(move |request| {
+    let connection = Arc::new(connection);
+    let service = service_fn(move |request: Request<Incoming>| {
         let connection = connection.clone();
         async move { Ok::<_, Infallible>(connection.proxy.handle(request, &connection.info).await) }
     });
-    let serving = http
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
-    tokio::pin!(serving);
-    let result = tokio::select! {
-        result = serving.as_mut() => result,
-        () = drain.fired() => {
-            // Finish the request in flight, then close; idle connections close at once.
-            serving.as_mut().graceful_shutdown();
-            serving.await
+    let result = match protocols.http2.as_ref().filter(|_| h2) {
+        Some(http2) => {
+            let serving = http2.serve_connection(io, service);
+            tokio::pin!(serving);
+            tokio::select! {
+                result = serving.as_mut() => result,
+                () = drain.fired() => {
+                    // GOAWAY: streams in flight finish, no new ones start.
+                    serving.as_mut().graceful_shutdown();
+                    serving.await
+                }
+            }
+        }
+        None => {
+            let serving = protocols
+                .http1
+                .serve_connection(io, service)
+                .with_upgrades();
+            tokio::pin!(serving);
+            tokio::select! {
+                result = serving.as_mut() => result,
+                () = drain.fired() => {
+                    // Finish the request in flight, then close; idle connections close at once.
+                    serving.as_mut().graceful_shutdown();
+                    serving.await
+                }
+            }
         }
     };
     if let Err(err) = result {

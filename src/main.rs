@@ -49,6 +49,10 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => {
+            if let Err(err) = Server::check(&config) {
+                eprintln!("{}", telemetry::error_chain(&err));
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
             println!(
                 "{}: ok ({} listener(s), {} route(s), {} upstream(s))",
                 cli.config.display(),

@@ -6,12 +6,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::AtomicU64;
+
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
-use crate::listener::{self, Listener};
+use crate::listener::{Listener, Protocols};
 use crate::proxy::{Proxy, Snapshot};
 use crate::shutdown::{self, Tracker, Trigger};
+use crate::tls;
 
 /// After the drain period, how long closed tunnels get to log their last line.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -25,6 +29,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("listener {listener:?}: TLS")]
+    Tls {
+        listener: String,
+        #[source]
+        source: tls::Error,
+    },
 }
 
 pub struct Server {
@@ -35,12 +45,38 @@ pub struct Server {
     drain: Duration,
 }
 
+/// Loads what each TLS listener serves (certificates, keys), so that `check` and `bind` fail
+/// on the same problems.
+fn tls_acceptors(config: &Config) -> Result<Vec<Option<TlsAcceptor>>, Error> {
+    config
+        .listeners
+        .iter()
+        .map(|listener| {
+            let Some(tls) = &listener.tls else {
+                return Ok(None);
+            };
+            let server_config =
+                tls::server_config(tls, listener.http2).map_err(|source| Error::Tls {
+                    listener: listener.name.clone(),
+                    source,
+                })?;
+            Ok(Some(TlsAcceptor::from(server_config)))
+        })
+        .collect()
+}
+
 impl Server {
+    /// Checks what a config needs beyond its own text (certificate and key files), without
+    /// binding anything.
+    pub fn check(config: &Config) -> Result<(), Error> {
+        tls_acceptors(config).map(drop)
+    }
+
     /// Binds every listener, so that a port already in use fails before anything serves.
     pub async fn bind(config: &Config) -> Result<Server, Error> {
-        let http = Arc::new(listener::http1_builder(&config.timeouts, &config.limits));
+        let acceptors = tls_acceptors(config)?;
         let mut listeners = Vec::with_capacity(config.listeners.len());
-        for listener in &config.listeners {
+        for (listener, tls) in config.listeners.iter().zip(acceptors) {
             let socket = TcpListener::bind(listener.bind)
                 .await
                 .map_err(|source| Error::Bind {
@@ -51,7 +87,13 @@ impl Server {
             listeners.push(Listener {
                 name: listener.name.as_str().into(),
                 socket,
-                http: http.clone(),
+                protocols: Arc::new(Protocols::new(
+                    &config.timeouts,
+                    &config.limits,
+                    listener.http2,
+                )),
+                tls,
+                tls_failures: Arc::default(),
             });
         }
         let tunnels = Tracker::default();
@@ -64,6 +106,14 @@ impl Server {
             close_tunnels,
             drain: config.timeouts.drain,
         })
+    }
+
+    /// Failed TLS handshakes (and plain HTTP sent) on the listener named `name`.
+    pub fn tls_failures(&self, name: &str) -> Option<Arc<AtomicU64>> {
+        self.listeners
+            .iter()
+            .find(|l| &*l.name == name)
+            .map(|l| l.tls_failures.clone())
     }
 
     /// The bound address of each listener, by name (useful with port 0).

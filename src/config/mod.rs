@@ -8,7 +8,7 @@ mod validate;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -35,6 +35,8 @@ pub struct Log {
 pub struct Timeouts {
     /// TCP connect to an upstream server.
     pub connect: Duration,
+    /// From accepting a TLS connection to the end of its handshake.
+    pub tls_handshake: Duration,
     /// Reading a request head from a client. hyper starts this clock as soon as a connection
     /// is ready for its next request, so it also closes idle keep-alive client connections.
     pub request_header: Duration,
@@ -54,6 +56,7 @@ impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
             connect: Duration::from_secs(5),
+            tls_handshake: Duration::from_secs(10),
             request_header: Duration::from_secs(30),
             upstream_response_header: Duration::from_secs(60),
             upstream_keepalive: Duration::from_secs(30),
@@ -82,6 +85,39 @@ impl Default for Limits {
 pub struct Listener {
     pub name: String,
     pub bind: SocketAddr,
+    /// HTTP/2 besides HTTP/1.1: offered by ALPN with TLS, prior-knowledge h2c without.
+    pub http2: bool,
+    pub tls: Option<Tls>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    /// The first one is the default certificate.
+    pub certificates: Vec<CertificateFiles>,
+    pub unknown_sni: UnknownSni,
+    pub min_version: TlsVersion,
+}
+
+/// PEM files, resolved against the config file's folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// What a client gets whose SNI names no certificate, or that sends no SNI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownSni {
+    /// The first certificate.
+    Default,
+    /// The handshake fails.
+    Refuse,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
 }
 
 #[derive(Debug, Clone)]

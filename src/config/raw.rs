@@ -34,6 +34,7 @@ pub struct Log {
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
     pub connect: Option<Spanned<String>>,
+    pub tls_handshake: Option<Spanned<String>>,
     pub request_header: Option<Spanned<String>>,
     pub upstream_response_header: Option<Spanned<String>>,
     pub upstream_keepalive: Option<Spanned<String>>,
@@ -53,6 +54,23 @@ pub struct Limits {
 pub struct Listener {
     pub name: Spanned<String>,
     pub bind: Spanned<String>,
+    pub http2: Option<bool>,
+    pub tls: Option<Tls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub certificates: Spanned<Vec<Certificate>>,
+    pub unknown_sni: Option<Spanned<String>>,
+    pub min_version: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,8 +10,8 @@ use toml::Spanned;
 
 use super::raw;
 use super::{
-    Action, Balance, Config, Diagnostic, HostPattern, Limits, Listener, Location, Log, Route,
-    Server, ServerAddress, Timeouts, Upstream,
+    Action, Balance, CertificateFiles, Config, Diagnostic, HostPattern, Limits, Listener, Location,
+    Log, Route, Server, ServerAddress, Timeouts, Tls, TlsVersion, UnknownSni, Upstream,
 };
 
 /// hyper cannot read a request head into a buffer smaller than this.
@@ -126,6 +126,7 @@ impl Validator<'_> {
         let default = Timeouts::default();
         Timeouts {
             connect: self.duration(raw.connect, default.connect),
+            tls_handshake: self.duration(raw.tls_handshake, default.tls_handshake),
             request_header: self.duration(raw.request_header, default.request_header),
             upstream_response_header: self.duration(
                 raw.upstream_response_header,
@@ -203,12 +204,73 @@ impl Validator<'_> {
                     format!("bind address {bind} is used by another listener"),
                 );
             }
+            let tls = listener.tls.and_then(|tls| self.tls(tls));
             listeners.push(Listener {
                 name: listener.name.into_inner(),
                 bind,
+                // HTTP/2 is what browsers speak over TLS; h2c is opt-in.
+                http2: listener.http2.unwrap_or(tls.is_some()),
+                tls,
             });
         }
         listeners
+    }
+
+    fn tls(&mut self, raw: raw::Tls) -> Option<Tls> {
+        if raw.certificates.get_ref().is_empty() {
+            self.error(
+                raw.certificates.span(),
+                "tls needs at least one certificate: certificates = [{ cert = \"cert.pem\", key = \"key.pem\" }]".to_owned(),
+            );
+            return None;
+        }
+        let unknown_sni = match raw
+            .unknown_sni
+            .as_ref()
+            .map(|u| (u.get_ref().as_str(), u.span()))
+        {
+            None | Some(("default", _)) => UnknownSni::Default,
+            Some(("refuse", _)) => UnknownSni::Refuse,
+            Some((other, span)) => {
+                self.error(
+                    span,
+                    format!("unknown unknown_sni {other:?} (known: default, refuse)"),
+                );
+                UnknownSni::Default
+            }
+        };
+        let min_version = match raw
+            .min_version
+            .as_ref()
+            .map(|v| (v.get_ref().as_str(), v.span()))
+        {
+            None | Some(("1.2", _)) => TlsVersion::V1_2,
+            Some(("1.3", _)) => TlsVersion::V1_3,
+            Some((other, span)) => {
+                self.error(
+                    span,
+                    format!("unsupported min_version {other:?} (known: \"1.2\", \"1.3\")"),
+                );
+                TlsVersion::V1_2
+            }
+        };
+        let base = std::path::Path::new(self.file)
+            .parent()
+            .unwrap_or(std::path::Path::new(""));
+        let certificates = raw
+            .certificates
+            .into_inner()
+            .into_iter()
+            .map(|c| CertificateFiles {
+                cert: base.join(c.cert.get_ref()),
+                key: base.join(c.key.get_ref()),
+            })
+            .collect();
+        Some(Tls {
+            certificates,
+            unknown_sni,
+            min_version,
+        })
     }
 
     fn unique_name(&mut self, seen: &mut HashSet<String>, name: &Spanned<String>, what: &str) {
@@ -631,6 +693,39 @@ mod tests {
             ]
         );
         assert_eq!(route.upgrades, ["h2c"]);
+    }
+
+    #[test]
+    fn tls_settings_are_checked_and_paths_follow_the_config_file() {
+        let text = "[[listener]]\nname = \"https\"\nbind = \"127.0.0.1:8443\"\n[listener.tls]\ncertificates = [{ cert = \"c.pem\", key = \"/abs/k.pem\" }]\nunknown_sni = \"refuse\"\nmin_version = \"1.3\"\n";
+        let config = validate(text, "/etc/wsgate/gw.toml").unwrap();
+        let listener = &config.listeners[0];
+        assert!(listener.http2, "HTTP/2 is on by default with TLS");
+        let tls = listener.tls.as_ref().unwrap();
+        assert_eq!(
+            tls.certificates[0].cert,
+            std::path::Path::new("/etc/wsgate/c.pem")
+        );
+        assert_eq!(tls.certificates[0].key, std::path::Path::new("/abs/k.pem"));
+        assert_eq!(tls.unknown_sni, UnknownSni::Refuse);
+        assert_eq!(tls.min_version, TlsVersion::V1_3);
+
+        let text = "[[listener]]\nname = \"https\"\nbind = \"127.0.0.1:8443\"\nhttp2 = false\n[listener.tls]\ncertificates = []\n";
+        assert_eq!(
+            errors(text),
+            ["t.toml:6:16: tls needs at least one certificate: certificates = [{ cert = \"cert.pem\", key = \"key.pem\" }]"]
+        );
+        let text = "[[listener]]\nname = \"https\"\nbind = \"127.0.0.1:8443\"\n[listener.tls]\ncertificates = [{ cert = \"c\", key = \"k\" }]\nunknown_sni = \"ignore\"\nmin_version = \"1.1\"\n";
+        let errs = errors(text);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs[0].starts_with("t.toml:6:15: unknown unknown_sni \"ignore\""),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("t.toml:7:15: unsupported min_version \"1.1\""),
+            "{errs:?}"
+        );
     }
 
     #[test]

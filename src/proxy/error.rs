@@ -9,6 +9,15 @@ use crate::telemetry::error_chain;
 use crate::upstream;
 use crate::websocket::HandshakeError;
 
+/// The whole answer to plain HTTP on a TLS port, before any HTTP parsing (as nginx's 400
+/// "The plain HTTP request was sent to HTTPS port").
+pub const PLAIN_HTTP_TO_TLS_PORT: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
+content-type: text/plain; charset=utf-8\r\n\
+content-length: 68\r\n\
+connection: close\r\n\
+\r\n\
+400 Bad Request: plain HTTP was sent to an HTTPS port; use https://\n";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no route matches this host and path")]
@@ -140,6 +149,16 @@ mod tests {
             upstream: "app".into(),
             source,
         }
+    }
+
+    #[test]
+    fn plain_http_answer_has_a_correct_length() {
+        let text = std::str::from_utf8(PLAIN_HTTP_TO_TLS_PORT).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{text}"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, FORWARDED, HOST, PROXY_AUTHENTICATE,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, COOKIE, FORWARDED, HOST, PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
 };
 
@@ -95,6 +95,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for name in listed {
         headers.remove(name);
+    }
+}
+
+/// HTTP/2 may split `Cookie` into one field per pair (RFC 9113 §8.2.3); an HTTP/1.1 upstream
+/// expects one line joined with "; ".
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for value in headers.get_all(COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(COOKIE, value);
     }
 }
 
@@ -256,6 +275,17 @@ mod tests {
         to_upstream(&mut headers, &forwarding, false);
         assert!(!headers.contains_key("connection"));
         assert!(!headers.contains_key("upgrade"));
+    }
+
+    #[test]
+    fn split_cookies_are_joined_for_http11() {
+        let mut headers = map(&[("cookie", "a=1"), ("cookie", "b=2"), ("cookie", "c=3")]);
+        join_cookies(&mut headers);
+        assert_eq!(headers.get_all("cookie").iter().count(), 1);
+        assert_eq!(headers["cookie"], "a=1; b=2; c=3");
+        let mut headers = map(&[("cookie", "a=1; b=2")]);
+        join_cookies(&mut headers);
+        assert_eq!(headers["cookie"], "a=1; b=2");
     }
 
     #[test]

@@ -50,6 +50,15 @@ impl Snapshot {
 pub struct ConnInfo {
     pub listener: Arc<str>,
     pub peer: SocketAddr,
+    pub tls: Option<TlsInfo>,
+}
+
+/// What the TLS handshake of a connection established.
+#[derive(Debug, Clone)]
+pub struct TlsInfo {
+    pub sni: Option<String>,
+    /// ALPN chose HTTP/2.
+    pub h2: bool,
 }
 
 #[derive(Debug)]
@@ -300,10 +309,13 @@ fn prepare_upstream_request(
             .headers_mut()
             .insert(HOST, HeaderValue::from_static(""));
     }
+    if request.version() == Version::HTTP_2 {
+        headers::join_cookies(request.headers_mut());
+    }
     *request.version_mut() = Version::HTTP_11;
     let forwarding = headers::Forwarding {
         client: conn.peer.ip(),
-        proto: "http",
+        proto: if conn.tls.is_some() { "https" } else { "http" },
         host: (!facts.host.is_empty()).then_some(&facts.host),
     };
     headers::to_upstream(request.headers_mut(), &forwarding, upgrade);

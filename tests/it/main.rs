@@ -7,4 +7,5 @@ mod config;
 mod errors;
 mod http;
 mod shutdown;
+mod tls;
 mod websocket;

@@ -7,11 +7,13 @@ pub mod binary;
 pub mod client;
 pub mod pattern;
 pub mod raw;
+pub mod tls;
 pub mod ws;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::Location;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,6 +89,8 @@ pub fn upstream_config(name: &str, balance: &str, servers: &[SocketAddr]) -> Str
 /// A gateway running in this test's runtime, stopped by a oneshot-driven shutdown future.
 pub struct TestGateway {
     pub addr: SocketAddr,
+    /// Failed TLS handshakes on the (first) listener.
+    pub tls_failures: Arc<AtomicU64>,
     snapshot: Arc<Snapshot>,
     drain: Duration,
     stop: Option<oneshot::Sender<()>>,
@@ -108,7 +112,8 @@ impl TestGateway {
         let server = within(WAIT, Server::bind(&config))
             .await
             .expect("gateway binds 127.0.0.1:0");
-        let addr = server.local_addrs()[0].1;
+        let (name, addr) = server.local_addrs().swap_remove(0);
+        let tls_failures = server.tls_failures(&name).expect("the listener exists");
         let snapshot = server.snapshot();
         let (stop, stop_signal) = oneshot::channel::<()>();
         let (stopping_tx, stopping) = oneshot::channel::<()>();
@@ -119,6 +124,7 @@ impl TestGateway {
         }));
         TestGateway {
             addr,
+            tls_failures,
             snapshot,
             drain: config.timeouts.drain,
             stop: Some(stop),

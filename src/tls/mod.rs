@@ -1,0 +1,131 @@
+//! TLS termination: a rustls `ServerConfig` per listener (certificates by SNI, ALPN, versions)
+//! and the accept step, bounded by the handshake timeout, which returns facts, not behaviour.
+
+pub mod certs;
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{self, TlsVersion};
+
+/// The first byte of every TLS connection: a handshake record (RFC 8446 §5.1).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+pub const ALPN_H2: &[u8] = b"h2";
+pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Certificate(#[from] certs::Error),
+    #[error("no protocol version left to offer")]
+    Versions(#[source] rustls::Error),
+}
+
+/// Builds the server side of one TLS listener. ring is the crypto provider: it builds with
+/// only a C compiler and is fast at ECDSA P-256, the handshakes that dominate.
+pub fn server_config(tls: &config::Tls, http2: bool) -> Result<Arc<ServerConfig>, Error> {
+    let certificates = tls
+        .certificates
+        .iter()
+        .map(certs::load)
+        .collect::<Result<Vec<_>, _>>()?;
+    let resolver = certs::Resolver::new(&certificates, tls.unknown_sni);
+    let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
+        TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::V1_3 => &[&rustls::version::TLS13],
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .map_err(Error::Versions)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = if http2 {
+        vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()]
+    } else {
+        vec![ALPN_HTTP11.to_vec()]
+    };
+    Ok(Arc::new(config))
+}
+
+/// What the handshake established.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    pub sni: Option<String>,
+    pub h2: bool,
+}
+
+#[derive(Debug)]
+pub enum Accepted {
+    Tls(Box<TlsStream<TcpStream>>, Facts),
+    /// The client spoke plain HTTP to this TLS port; it deserves a readable answer.
+    PlainHttp(TcpStream),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error("no TLS handshake within {0:?}")]
+    Timeout(Duration),
+    #[error("connection closed before a ClientHello")]
+    Closed,
+    #[error("not TLS (first byte {0:#04x})")]
+    NotTls(u8),
+    #[error("handshake failed")]
+    Handshake(#[source] io::Error),
+}
+
+impl AcceptError {
+    /// A short, stable name for logs and counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AcceptError::Timeout(_) => "timeout",
+            AcceptError::Closed => "closed",
+            AcceptError::NotTls(_) => "not_tls",
+            AcceptError::Handshake(_) => "handshake",
+        }
+    }
+}
+
+/// Runs the handshake within `timeout`. Looks at the first byte first: plain HTTP on a TLS
+/// port gets an answer instead of a TLS alert the client cannot show.
+pub async fn accept(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    timeout: Duration,
+) -> Result<Accepted, AcceptError> {
+    let handshake = async {
+        let mut first = [0u8; 1];
+        match stream.peek(&mut first).await {
+            Ok(0) => return Err(AcceptError::Closed),
+            Ok(_) => {}
+            Err(err) => return Err(AcceptError::Handshake(err)),
+        }
+        if first[0] != TLS_HANDSHAKE_RECORD {
+            return if first[0].is_ascii_uppercase() {
+                Ok(Accepted::PlainHttp(stream))
+            } else {
+                Err(AcceptError::NotTls(first[0]))
+            };
+        }
+        let tls = acceptor
+            .accept(stream)
+            .await
+            .map_err(AcceptError::Handshake)?;
+        let connection = tls.get_ref().1;
+        let facts = Facts {
+            sni: connection.server_name().map(str::to_owned),
+            h2: connection.alpn_protocol() == Some(ALPN_H2),
+        };
+        Ok(Accepted::Tls(Box::new(tls), facts))
+    };
+    tokio::time::timeout(timeout, handshake)
+        .await
+        .unwrap_or(Err(AcceptError::Timeout(timeout)))
+}

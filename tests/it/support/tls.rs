@@ -1,0 +1,107 @@
+//! A throwaway PKI made at test time with rcgen (no committed keys): a CA, leaf certificates
+//! for given names written as PEM files, and TLS clients that trust the CA.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use super::{within, WAIT};
+
+pub struct Pki {
+    ca: rcgen::Certificate,
+    ca_key: KeyPair,
+    dir: PathBuf,
+}
+
+/// PEM files of one leaf certificate.
+pub struct Issued {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub der: CertificateDer<'static>,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("wsgate-it-pki-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create the PKI folder");
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "wsgate test CA");
+        let ca = params.self_signed(&ca_key).expect("self-signed CA");
+        Pki { ca, ca_key, dir }
+    }
+
+    /// A leaf for `names` (DNS names or IP literals), signed by the CA, as `stem.pem` and
+    /// `stem.key` in the PKI folder.
+    pub fn issue(&self, stem: &str, names: &[&str]) -> Issued {
+        let key = KeyPair::generate().expect("leaf key");
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = CertificateParams::new(names).expect("leaf params");
+        params.distinguished_name.push(DnType::CommonName, stem);
+        let cert = params
+            .signed_by(&key, &self.ca, &self.ca_key)
+            .expect("signed leaf");
+        let issued = Issued {
+            cert: self.dir.join(format!("{stem}.pem")),
+            key: self.dir.join(format!("{stem}.key")),
+            der: cert.der().clone(),
+        };
+        std::fs::write(&issued.cert, cert.pem()).expect("write cert");
+        std::fs::write(&issued.key, key.serialize_pem()).expect("write key");
+        issued
+    }
+
+    pub fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(self.ca.der().clone())
+            .expect("CA is a valid root");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TLS connection to `addr` for `server_name` (an IP literal sends no SNI).
+pub async fn tls_connect(
+    addr: SocketAddr,
+    server_name: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let stream = within(WAIT, TcpStream::connect(addr)).await?;
+    let name = ServerName::try_from(server_name.to_owned()).expect("a valid server name");
+    within(WAIT, TlsConnector::from(config).connect(name, stream)).await
+}
+
+/// The leaf certificate the server presented.
+pub fn served_certificate(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("server certificate")[0]
+        .clone()
+}

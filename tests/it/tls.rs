@@ -1,0 +1,277 @@
+//! TLS termination and HTTP/2 to clients: certificates by SNI, ALPN, wss through TLS, the
+//! plain-HTTP answer, the handshake timeout, certificate problems at start, h2c.
+
+use std::sync::atomic::Ordering::SeqCst;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Version};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::binary::{self, TempFile};
+use crate::support::tls::{served_certificate, tls_connect, Issued, Pki};
+use crate::support::{
+    eventually, proxy_config, within, HttpBackend, RawClient, TestGateway, WsBackend, WAIT,
+};
+
+/// A TLS listener serving `certificates` (the first is the default), with `extra` TLS keys.
+fn tls_config(certificates: &[&Issued], extra: &str, rest: &str) -> String {
+    let list: Vec<String> = certificates
+        .iter()
+        .map(|c| format!("{{ cert = {:?}, key = {:?} }}", c.cert, c.key))
+        .collect();
+    format!(
+        "{rest}\n[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\n\n[listener.tls]\ncertificates = [{}]\n{extra}\n",
+        list.join(", ")
+    )
+}
+
+struct Site {
+    pki: Pki,
+    default: Issued,
+    exact: Issued,
+    wildcard: Issued,
+}
+
+fn site() -> Site {
+    let pki = Pki::new();
+    Site {
+        default: pki.issue("default", &["default.test", "127.0.0.1"]),
+        exact: pki.issue("exact", &["a.test"]),
+        wildcard: pki.issue("wildcard", &["*.wild.test"]),
+        pki,
+    }
+}
+
+#[tokio::test]
+async fn sni_picks_the_exact_then_the_wildcard_then_the_default_certificate() {
+    let backend = HttpBackend::start("a").await;
+    let site = site();
+    let config = tls_config(
+        &[&site.default, &site.exact, &site.wildcard],
+        "",
+        &proxy_config(&[backend.addr]),
+    );
+    let gw = TestGateway::start(&config).await;
+    let client = site.pki.client_config(&[b"http/1.1"]);
+    for (name, expected) in [
+        ("a.test", &site.exact),
+        ("x.wild.test", &site.wildcard),
+        ("default.test", &site.default),
+        // An IP literal sends no SNI: the default certificate answers.
+        ("127.0.0.1", &site.default),
+    ] {
+        let stream = tls_connect(gw.addr, name, client.clone())
+            .await
+            .unwrap_or_else(|err| panic!("handshake for {name}: {err}"));
+        assert_eq!(served_certificate(&stream), expected.der, "{name}");
+    }
+    // A name no certificate covers gets the default, which the client rightly rejects.
+    let err = tls_connect(gw.addr, "b.other.test", client)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("certificate"), "{err}");
+}
+
+#[tokio::test]
+async fn unknown_sni_can_be_refused() {
+    let site = site();
+    let config = tls_config(&[&site.exact], "unknown_sni = \"refuse\"", "");
+    let gw = TestGateway::start(&config).await;
+    let client = site.pki.client_config(&[]);
+    assert!(tls_connect(gw.addr, "a.test", client.clone()).await.is_ok());
+    assert!(tls_connect(gw.addr, "127.0.0.1", client).await.is_err());
+    eventually("failure counted", || gw.tls_failures.load(SeqCst) >= 1).await;
+}
+
+#[tokio::test]
+async fn alpn_selects_http11_or_h2_and_h2_requests_reach_an_http11_backend() {
+    let mut backend = HttpBackend::start("a").await;
+    let site = site();
+    let config = tls_config(&[&site.exact], "", &proxy_config(&[backend.addr]));
+    let gw = TestGateway::start(&config).await;
+
+    let h1 = tls_connect(gw.addr, "a.test", site.pki.client_config(&[b"http/1.1"]))
+        .await
+        .unwrap();
+    assert_eq!(h1.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+
+    let h2 = tls_connect(
+        gw.addr,
+        "a.test",
+        site.pki.client_config(&[b"h2", b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(h2.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, connection) = within(
+        WAIT,
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(h2)),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = Request::get("https://a.test/over/h2?x=1")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = within(WAIT, sender.send_request(request)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), Version::HTTP_2);
+    let body = within(WAIT, response.into_body().collect()).await.unwrap();
+    assert!(!body.to_bytes().is_empty());
+
+    let seen = backend.next_request().await;
+    assert_eq!(seen.version, Version::HTTP_11);
+    assert_eq!(seen.uri, "/over/h2?x=1");
+    assert_eq!(seen.header("host"), Some("a.test"));
+    assert_eq!(seen.header("cookie"), Some("a=1; b=2"));
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+}
+
+#[tokio::test]
+async fn wss_echo_through_tls_termination() {
+    let backend = WsBackend::start("a").await;
+    let site = site();
+    let config = tls_config(&[&site.exact], "", &proxy_config(&[backend.addr]));
+    let gw = TestGateway::start(&config).await;
+    let stream = tls_connect(gw.addr, "a.test", site.pki.client_config(&[b"http/1.1"]))
+        .await
+        .unwrap();
+    let (mut ws, response) = within(
+        WAIT,
+        tokio_tungstenite::client_async("wss://a.test/chat", stream),
+    )
+    .await
+    .expect("wss handshake");
+    assert_eq!(response.status(), 101);
+    for size in [0usize, 125, 126, 65_536, 1 << 20] {
+        let payload = vec![(size % 251) as u8; size];
+        within(WAIT, ws.send(Message::Binary(payload.clone())))
+            .await
+            .unwrap();
+        let echoed = within(WAIT, ws.next()).await.expect("an echo").unwrap();
+        assert_eq!(echoed, Message::Binary(payload), "{size} bytes");
+    }
+    within(WAIT, ws.close(None)).await.unwrap();
+}
+
+#[tokio::test]
+async fn plain_http_on_the_tls_port_gets_a_readable_400() {
+    let site = site();
+    let gw = TestGateway::start(&tls_config(&[&site.exact], "", "")).await;
+    let mut client = RawClient::connect(gw.addr).await;
+    client.send("GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+    let answer = String::from_utf8(client.read_to_close().await).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with("plain HTTP was sent to an HTTPS port; use https://\n"),
+        "{answer}"
+    );
+    // The gateway still serves TLS.
+    assert!(tls_connect(gw.addr, "a.test", site.pki.client_config(&[]))
+        .await
+        .is_ok());
+}
+
+#[tokio::test]
+async fn a_silent_client_is_cut_at_the_handshake_timeout() {
+    let site = site();
+    let config = tls_config(
+        &[&site.exact],
+        "",
+        "[timeouts]\ntls_handshake = \"300ms\"\n",
+    );
+    let gw = TestGateway::start(&config).await;
+    let mut silent = within(WAIT, TcpStream::connect(gw.addr)).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = within(WAIT, silent.read(&mut buf)).await;
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    eventually("failure counted", || gw.tls_failures.load(SeqCst) == 1).await;
+    assert!(tls_connect(gw.addr, "a.test", site.pki.client_config(&[]))
+        .await
+        .is_ok());
+}
+
+#[tokio::test]
+async fn missing_files_and_mismatched_keys_fail_at_start_naming_the_files() {
+    let site = site();
+    let missing = Issued {
+        cert: site.exact.cert.with_file_name("nowhere.pem"),
+        key: site.exact.key.clone(),
+        der: site.exact.der.clone(),
+    };
+    let mismatched = Issued {
+        cert: site.exact.cert.clone(),
+        key: site.wildcard.key.clone(),
+        der: site.exact.der.clone(),
+    };
+    for (case, expected) in [
+        (
+            &missing,
+            format!("cannot read certificates from {}", missing.cert.display()),
+        ),
+        (
+            &mismatched,
+            format!(
+                "the key in {} does not match the certificate in {}",
+                mismatched.key.display(),
+                mismatched.cert.display()
+            ),
+        ),
+    ] {
+        let text = tls_config(&[case], "", "");
+        let config = wsgate::config::parse(&text, "test.toml").expect("valid text");
+        let err = match wsgate::Server::bind(&config).await {
+            Ok(_) => panic!("started with {expected}"),
+            Err(err) => wsgate::telemetry::error_chain(&err),
+        };
+        assert!(err.contains(&expected), "{err}");
+
+        // `wsgate check` reports the same, with exit status 2.
+        let file = TempFile::new("tls-check", &text);
+        let output = binary::run(&["check", "--config", &file.display()]);
+        assert_eq!(output.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(&expected), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_and_http11_share_a_plain_listener() {
+    let mut backend = HttpBackend::start("a").await;
+    let config = format!(
+        "{}\n[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\nhttp2 = true\n",
+        proxy_config(&[backend.addr])
+    );
+    let gw = TestGateway::start(&config).await;
+    let stream = within(WAIT, TcpStream::connect(gw.addr)).await.unwrap();
+    let (mut sender, connection) = within(
+        WAIT,
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)),
+    )
+    .await
+    .expect("h2c handshake");
+    tokio::spawn(connection);
+    let request = Request::get("http://app.test/h2c")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = within(WAIT, sender.send_request(request)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), Version::HTTP_2);
+    let seen = backend.next_request().await;
+    assert_eq!(seen.uri, "/h2c");
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+
+    let reply = crate::support::get(gw.addr, "app.test", "/h1").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(backend.next_request().await.uri, "/h1");
+}
