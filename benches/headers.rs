@@ -88,6 +88,7 @@ fn transforms(c: &mut Criterion) {
                 http::Version::HTTP_11,
                 black_box(&handshake),
                 &[],
+                None,
             )
         })
     });

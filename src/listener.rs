@@ -56,7 +56,9 @@ impl Protocols {
             .max_header_size(limits.request_header_bytes);
         let h2 = http2.then(|| {
             let mut h2 = http2::Builder::new(TokioExecutor::new());
+            // SETTINGS_ENABLE_CONNECT_PROTOCOL: WebSockets over HTTP/2 (RFC 8441).
             h2.timer(TokioTimer::new())
+                .enable_connect_protocol()
                 .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
                 .max_header_list_size(limits.request_header_bytes as u32);
             h2

@@ -54,6 +54,9 @@ impl ProxyError {
             ProxyError::Handshake(HandshakeError::UnsupportedVersion) => {
                 StatusCode::UPGRADE_REQUIRED
             }
+            ProxyError::Handshake(HandshakeError::UnsupportedProtocol) => {
+                StatusCode::NOT_IMPLEMENTED
+            }
             ProxyError::Handshake(_) => StatusCode::BAD_REQUEST,
             ProxyError::Upstream { source, .. } => match source {
                 upstream::Error::ConnectTimeout { .. }

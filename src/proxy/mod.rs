@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use http::header::{HeaderValue, CONTENT_TYPE, HOST, UPGRADE};
+use http::header::{
+    HeaderValue, CONTENT_TYPE, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE,
+};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -112,7 +114,10 @@ impl Proxy {
         let path = facts.uri.path();
         let mut route = None;
         let result = match host {
-            _ if facts.method == Method::CONNECT => Err(ProxyError::ConnectMethod),
+            // Extended CONNECT (RFC 8441) carries a :protocol and is routed like a handshake.
+            _ if facts.method == Method::CONNECT && connect_protocol(&request).is_none() => {
+                Err(ProxyError::ConnectMethod)
+            }
             Err(err) => Err(err),
             Ok(_) => match self.snapshot.router.route(host_text, path) {
                 None => Err(ProxyError::NoRoute),
@@ -171,13 +176,24 @@ impl Proxy {
             request.version(),
             request.headers(),
             &route.upgrades,
+            connect_protocol(&request),
         );
         let protocol = match classification {
             Classification::Reject(err) => return Err(ProxyError::Handshake(err)),
             Classification::Upgrade(protocol) => Some(protocol),
             Classification::Plain => None,
         };
-        // Taken before the request moves upstream: it resolves once our 101 reaches the client.
+        // An HTTP/2 stream becomes an HTTP/1.1 handshake upstream, with a key of our own.
+        let bridged_key = (protocol == Some(Protocol::WebSocketOverH2)).then(|| {
+            let key = websocket::new_key();
+            *request.method_mut() = Method::GET;
+            let headers = request.headers_mut();
+            headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+            headers.insert(SEC_WEBSOCKET_KEY, key.clone());
+            key
+        });
+        // Taken before the request moves upstream: it resolves once our answer (101, or 200 to
+        // an extended CONNECT) reaches the client.
         let upgrade = protocol.map(|protocol| PendingUpgrade {
             protocol,
             requested: request.headers().get(UPGRADE).cloned(),
@@ -193,7 +209,12 @@ impl Proxy {
             .connect(&self.snapshot.timeouts)
             .await
             .map_err(upstream_failed)?;
-        let mut response = lease.send(request).await.map_err(upstream_failed)?;
+        let mut response = match bridged_key {
+            // The CONNECT stream's body is the tunnel itself, not a request body.
+            Some(_) => lease.send_bodyless(request.map(drop)).await,
+            None => lease.send(request).await,
+        }
+        .map_err(upstream_failed)?;
         let server = Some(lease.endpoint().clone());
 
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -204,12 +225,21 @@ impl Proxy {
                 server,
             ));
         }
+        let accepted = bridged_key.as_ref().is_none_or(|key| {
+            let accept = websocket::accept_for(key.as_bytes());
+            response
+                .headers()
+                .get(SEC_WEBSOCKET_ACCEPT)
+                .map(HeaderValue::as_bytes)
+                == Some(accept.as_bytes())
+        });
         let switched = upgrade.filter(|upgrade| {
-            websocket::switched_to(
-                response.headers(),
-                upgrade.protocol,
-                upgrade.requested.as_ref(),
-            )
+            accepted
+                && websocket::switched_to(
+                    response.headers(),
+                    upgrade.protocol,
+                    upgrade.requested.as_ref(),
+                )
         });
         let Some(upgrade) = switched else {
             return Err(ProxyError::BadSwitch {
@@ -226,7 +256,15 @@ impl Proxy {
             conn,
         );
         let (mut parts, _) = response.into_parts();
-        headers::to_downstream(&mut parts.headers, true);
+        if bridged_key.is_some() {
+            // RFC 8441 §5: a 2xx opens the stream; subprotocol and extensions pass through.
+            parts.status = StatusCode::OK;
+            parts.version = Version::HTTP_2;
+            headers::to_downstream(&mut parts.headers, false);
+            parts.headers.remove(SEC_WEBSOCKET_ACCEPT);
+        } else {
+            headers::to_downstream(&mut parts.headers, true);
+        }
         Ok((Response::from_parts(parts, ProxyBody::empty()), server))
     }
 
@@ -271,6 +309,14 @@ impl Proxy {
             drop(guard);
         });
     }
+}
+
+/// HTTP/2's `:protocol` pseudo-header (RFC 8441), present only on extended CONNECT.
+fn connect_protocol(request: &Request<Incoming>) -> Option<&str> {
+    request
+        .extensions()
+        .get::<hyper::ext::Protocol>()
+        .map(hyper::ext::Protocol::as_str)
 }
 
 /// The host a request is for: the absolute-form authority if present (RFC 9112 §3.2.2),

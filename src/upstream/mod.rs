@@ -246,6 +246,21 @@ impl Lease {
     /// Sends `request` and waits for the response head. The response timeout starts once the
     /// request body has been sent, so a slow upload is not mistaken for a slow upstream.
     pub async fn send(&mut self, request: Request<Incoming>) -> Result<Response<Incoming>, Error> {
+        self.send_body(request.map(Some)).await
+    }
+
+    /// Sends a request that has no body, such as a handshake made up by wsgate.
+    pub async fn send_bodyless(
+        &mut self,
+        request: Request<()>,
+    ) -> Result<Response<Incoming>, Error> {
+        self.send_body(request.map(|()| None)).await
+    }
+
+    async fn send_body(
+        &mut self,
+        request: Request<Option<Incoming>>,
+    ) -> Result<Response<Incoming>, Error> {
         let (parts, body) = request.into_parts();
         let (body, sent) = RequestBody::new(body);
         let mut request = Request::from_parts(parts, body);
@@ -326,13 +341,14 @@ impl Drop for Lease {
 /// written, or failed) resolves the paired receiver, which starts the response timeout.
 #[derive(Debug)]
 pub struct RequestBody {
-    inner: Incoming,
+    /// `None`: no body at all.
+    inner: Option<Incoming>,
     _sent: Option<oneshot::Sender<()>>,
 }
 
 impl RequestBody {
-    fn new(inner: Incoming) -> (RequestBody, Option<oneshot::Receiver<()>>) {
-        if inner.is_end_stream() {
+    fn new(inner: Option<Incoming>) -> (RequestBody, Option<oneshot::Receiver<()>>) {
+        if inner.as_ref().is_none_or(Incoming::is_end_stream) {
             return (RequestBody { inner, _sent: None }, None);
         }
         let (tx, rx) = oneshot::channel();
@@ -354,14 +370,19 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
     }
 }

@@ -19,6 +19,9 @@ pub enum Classification {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     WebSocket,
+    /// RFC 8441: an HTTP/2 extended CONNECT stream, bridged to an HTTP/1.1 handshake
+    /// upstream whose key wsgate makes and whose accept it checks.
+    WebSocketOverH2,
     /// A protocol the route allows by name; passed through without checks.
     Other,
 }
@@ -35,15 +38,31 @@ pub enum HandshakeError {
     MissingKey,
     #[error("Sec-WebSocket-Key must be 16 bytes in base64")]
     InvalidKey,
+    #[error("extended CONNECT supports only the websocket protocol")]
+    UnsupportedProtocol,
 }
 
-/// `allowed` lists the lowercase non-WebSocket protocols the route passes through.
+/// `allowed` lists the lowercase non-WebSocket protocols the route passes through;
+/// `connect_protocol` is HTTP/2's `:protocol` (RFC 8441), if any.
 pub fn classify(
     method: &Method,
     version: Version,
     headers: &HeaderMap,
     allowed: &[String],
+    connect_protocol: Option<&str>,
 ) -> Classification {
+    if let Some(protocol) = connect_protocol {
+        return match () {
+            _ if !protocol.eq_ignore_ascii_case("websocket") => {
+                Classification::Reject(HandshakeError::UnsupportedProtocol)
+            }
+            // RFC 8441 §5: the stream carries the version; there is no key to check.
+            _ if !is_version_13(headers) => {
+                Classification::Reject(HandshakeError::UnsupportedVersion)
+            }
+            _ => Classification::Upgrade(Protocol::WebSocketOverH2),
+        };
+    }
     if !has_token(headers, CONNECTION, "upgrade") {
         return Classification::Plain;
     }
@@ -74,10 +93,8 @@ fn validate_websocket(
     if version != Version::HTTP_11 {
         return Err(HandshakeError::HttpVersion);
     }
-    let mut versions = headers.get_all(SEC_WEBSOCKET_VERSION).iter();
-    match (versions.next(), versions.next()) {
-        (Some(v), None) if v.as_bytes().trim_ascii() == b"13" => {}
-        _ => return Err(HandshakeError::UnsupportedVersion),
+    if !is_version_13(headers) {
+        return Err(HandshakeError::UnsupportedVersion);
     }
     let mut keys = headers.get_all(SEC_WEBSOCKET_KEY).iter();
     match (keys.next(), keys.next()) {
@@ -85,6 +102,52 @@ fn validate_websocket(
         (Some(key), None) if is_valid_key(key.as_bytes().trim_ascii()) => Ok(()),
         _ => Err(HandshakeError::InvalidKey),
     }
+}
+
+fn is_version_13(headers: &HeaderMap) -> bool {
+    let mut versions = headers.get_all(SEC_WEBSOCKET_VERSION).iter();
+    matches!(
+        (versions.next(), versions.next()),
+        (Some(v), None) if v.as_bytes().trim_ascii() == b"13"
+    )
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 random bytes in base64 (RFC 6455 §4.1).
+pub fn new_key() -> http::HeaderValue {
+    use ring::rand::SecureRandom;
+    let mut nonce = [0u8; 16];
+    // The system RNG failing is an unusable machine; a fixed nonce would still be a valid key.
+    let _ = ring::rand::SystemRandom::new().fill(&mut nonce);
+    http::HeaderValue::from_str(&base64(&nonce)).expect("base64 is a valid header value")
+}
+
+/// The `Sec-WebSocket-Accept` a server must answer to `key` (RFC 6455 §4.2.2).
+pub fn accept_for(key: &[u8]) -> String {
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut context = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    context.update(key);
+    context.update(GUID);
+    base64(context.finish().as_ref())
+}
+
+/// Standard base64 with padding; handshakes only ever encode 16 or 20 bytes.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// A base64 encoding of exactly 16 bytes: 22 significant characters and `==`. The last
@@ -106,7 +169,9 @@ pub fn switched_to(
     requested: Option<&http::HeaderValue>,
 ) -> bool {
     match protocol {
-        Protocol::WebSocket => has_token(response, UPGRADE, "websocket"),
+        Protocol::WebSocket | Protocol::WebSocketOverH2 => {
+            has_token(response, UPGRADE, "websocket")
+        }
         Protocol::Other => response
             .get_all(UPGRADE)
             .iter()
@@ -165,7 +230,7 @@ mod tests {
     }
 
     fn get(h: &HeaderMap) -> Classification {
-        classify(&Method::GET, Version::HTTP_11, h, &["h2c".to_owned()])
+        classify(&Method::GET, Version::HTTP_11, h, &["h2c".to_owned()], None)
     }
 
     #[test]
@@ -224,13 +289,45 @@ mod tests {
     fn handshake_needs_get_over_http11() {
         let h = ws(&[("sec-websocket-version", "13"), ("sec-websocket-key", KEY)]);
         assert_eq!(
-            classify(&Method::POST, Version::HTTP_11, &h, &[]),
+            classify(&Method::POST, Version::HTTP_11, &h, &[], None),
             Classification::Reject(HandshakeError::MethodNotGet)
         );
         assert_eq!(
-            classify(&Method::GET, Version::HTTP_10, &h, &[]),
+            classify(&Method::GET, Version::HTTP_10, &h, &[], None),
             Classification::Reject(HandshakeError::HttpVersion)
         );
+    }
+
+    #[test]
+    fn extended_connect_needs_websocket_and_version_13() {
+        let v13 = headers(&[("sec-websocket-version", "13")]);
+        let classify_h2 =
+            |h: &HeaderMap, p| classify(&Method::CONNECT, Version::HTTP_2, h, &[], Some(p));
+        assert_eq!(
+            classify_h2(&v13, "websocket"),
+            Classification::Upgrade(Protocol::WebSocketOverH2)
+        );
+        assert_eq!(
+            classify_h2(&headers(&[]), "websocket"),
+            Classification::Reject(HandshakeError::UnsupportedVersion)
+        );
+        assert_eq!(
+            classify_h2(&v13, "webtransport"),
+            Classification::Reject(HandshakeError::UnsupportedProtocol)
+        );
+    }
+
+    #[test]
+    fn keys_and_accepts_follow_rfc_6455() {
+        // The example of RFC 6455 §1.3.
+        assert_eq!(accept_for(KEY.as_bytes()), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        let key = new_key();
+        assert!(is_valid_key(key.as_bytes()), "{key:?}");
+        assert_ne!(key, new_key());
     }
 
     #[test]

@@ -275,3 +275,130 @@ async fn h2c_prior_knowledge_and_http11_share_a_plain_listener() {
     assert_eq!(reply.status, 200);
     assert_eq!(backend.next_request().await.uri, "/h1");
 }
+
+/// RFC 8441: WebSockets as extended CONNECT streams of one HTTP/2 connection, each bridged to
+/// an HTTP/1.1 handshake with the backend (key made and accept checked by wsgate).
+#[tokio::test]
+async fn websockets_over_one_http2_connection() {
+    use hyper::ext::Protocol;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::WebSocketStream;
+
+    let mut backend = WsBackend::start("a").await;
+    let site = site();
+    let config = tls_config(&[&site.exact], "", &proxy_config(&[backend.addr]));
+    let gw = TestGateway::start(&config).await;
+    let stream = tls_connect(gw.addr, "a.test", site.pki.client_config(&[b"h2"]))
+        .await
+        .unwrap();
+    let mut sender = h2_with_extended_connect(stream).await;
+
+    let mut sockets = Vec::new();
+    for i in 0..3 {
+        let mut request = Request::connect("https://a.test/chat")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-protocol", "chat, superchat")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        request
+            .extensions_mut()
+            .insert(Protocol::from_static("websocket"));
+        let mut response = within(WAIT, sender.send_request(request))
+            .await
+            .unwrap_or_else(|err| panic!("stream {i}: {err}"));
+        assert_eq!(response.status(), 200, "stream {i}");
+        assert_eq!(
+            response.headers()["sec-websocket-protocol"],
+            "superchat",
+            "stream {i}"
+        );
+        assert!(!response.headers().contains_key("sec-websocket-accept"));
+        let upgraded = within(WAIT, hyper::upgrade::on(&mut response))
+            .await
+            .expect("stream upgraded");
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+        sockets.push(ws);
+        let handshake = backend.next_handshake().await;
+        assert_eq!(handshake["upgrade"], "websocket");
+        assert_eq!(handshake["host"], "a.test");
+        assert_eq!(handshake["x-forwarded-proto"], "https");
+    }
+    assert_eq!(gw.route_stats("app").tunnels_open.load(SeqCst), 3);
+    // Interleaved traffic: every stream gets its own echoes back.
+    for round in 0..3 {
+        for (i, ws) in sockets.iter_mut().enumerate() {
+            let text = format!("stream {i} round {round}");
+            within(WAIT, ws.send(Message::Text(text.clone())))
+                .await
+                .unwrap();
+            let echo = within(WAIT, ws.next()).await.expect("an echo").unwrap();
+            assert_eq!(echo, Message::Text(text));
+        }
+    }
+    for mut ws in sockets {
+        within(WAIT, ws.close(None)).await.unwrap();
+        while let Some(Ok(_)) = within(WAIT, ws.next()).await {}
+    }
+    let stats = gw.route_stats("app");
+    eventually("tunnels closed", || stats.tunnels_open.load(SeqCst) == 0).await;
+}
+
+#[tokio::test]
+async fn extended_connect_for_another_protocol_gets_501() {
+    use hyper::ext::Protocol;
+
+    let backend = WsBackend::start("a").await;
+    let site = site();
+    let config = tls_config(&[&site.exact], "", &proxy_config(&[backend.addr]));
+    let gw = TestGateway::start(&config).await;
+    let stream = tls_connect(gw.addr, "a.test", site.pki.client_config(&[b"h2"]))
+        .await
+        .unwrap();
+    let mut sender = h2_with_extended_connect(stream).await;
+    let mut request = Request::connect("https://a.test/x")
+        .header("sec-websocket-version", "13")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    request
+        .extensions_mut()
+        .insert(Protocol::from_static("webtransport"));
+    let response = within(WAIT, sender.send_request(request)).await.unwrap();
+    assert_eq!(response.status(), 501);
+}
+
+/// An HTTP/2 client connection whose server has enabled extended CONNECT. The server's
+/// SETTINGS arrive just after the handshake; the connection task reports when they have.
+async fn h2_with_extended_connect(
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let (sender, mut connection) = within(
+        WAIT,
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)),
+    )
+    .await
+    .expect("h2 handshake");
+    let (enabled_tx, enabled) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        // The setting is read by hyper's own h2 task, which does not wake this one: look
+        // again every few milliseconds, for at most WAIT.
+        let mut enabled_tx = Some(enabled_tx);
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let watching = enabled_tx.is_some() && std::time::Instant::now() < deadline;
+            tokio::select! {
+                _ = &mut connection => break,
+                () = tokio::time::sleep(std::time::Duration::from_millis(2)), if watching => {
+                    if connection.is_extended_connect_protocol_enabled() {
+                        if let Some(tx) = enabled_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                }
+            }
+        }
+    });
+    within(WAIT, enabled)
+        .await
+        .expect("the server enables extended CONNECT");
+    sender
+}

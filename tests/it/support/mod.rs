@@ -195,6 +195,6 @@ impl TestGateway {
 
     /// True once `run` has returned.
     pub fn is_stopped(&self) -> bool {
-        self.run.as_ref().map_or(true, JoinHandle::is_finished)
+        self.run.as_ref().is_none_or(JoinHandle::is_finished)
     }
 }
