@@ -34,6 +34,8 @@ pub struct RouteStats {
     pub requests: AtomicU64,
     pub tunnels_open: AtomicU64,
     pub tunnels_total: AtomicU64,
+    /// Tunnels that were HTTP/2 streams (RFC 8441), included in `tunnels_total`.
+    pub tunnels_over_h2: AtomicU64,
 }
 
 impl RouteStats {

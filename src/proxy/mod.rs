@@ -257,6 +257,7 @@ impl Proxy {
         );
         let (mut parts, _) = response.into_parts();
         if bridged_key.is_some() {
+            route.stats.tunnels_over_h2.fetch_add(1, Ordering::Relaxed);
             // RFC 8441 §5: a 2xx opens the stream; subprotocol and extensions pass through.
             parts.status = StatusCode::OK;
             parts.version = Version::HTTP_2;

@@ -324,6 +324,7 @@ async fn websockets_over_one_http2_connection() {
         assert_eq!(handshake["x-forwarded-proto"], "https");
     }
     assert_eq!(gw.route_stats("app").tunnels_open.load(SeqCst), 3);
+    assert_eq!(gw.route_stats("app").tunnels_over_h2.load(SeqCst), 3);
     // Interleaved traffic: every stream gets its own echoes back.
     for round in 0..3 {
         for (i, ws) in sockets.iter_mut().enumerate() {
