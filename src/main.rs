@@ -90,8 +90,16 @@ fn run(config: wsgate::Config) -> ExitCode {
     let served = runtime.block_on(async {
         // Installed before the listeners bind, so that a signal arriving as soon as wsgate
         // answers is already a drain, never the default action of dying on the spot.
-        let signals = Signals::install()?;
+        let mut signals = Signals::install()?;
         let server = Server::bind(&config).await?;
+        let reloader = server.reloader();
+        let mut hangups = signals.hup.take().expect("installed");
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP received: reloading certificates");
+                reloader.reload();
+            }
+        });
         server.run(signals.first()).await;
         Ok::<_, StartError>(())
     });
@@ -116,6 +124,8 @@ enum StartError {
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    /// Reload certificates; taken by the reload task.
+    hup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
@@ -124,6 +134,7 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate()).map_err(StartError::Signals)?,
             int: signal(SignalKind::interrupt()).map_err(StartError::Signals)?,
+            hup: Some(signal(SignalKind::hangup()).map_err(StartError::Signals)?),
         })
     }
 

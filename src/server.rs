@@ -6,16 +6,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
 use crate::listener::{Listener, Protocols};
 use crate::proxy::{Proxy, Snapshot};
-use crate::shutdown::{self, Tracker, Trigger};
-use crate::tls;
+use crate::shutdown::{self, Signal, Tracker, Trigger};
+use crate::telemetry;
+use crate::tls::{self, Terminator};
 
 /// After the drain period, how long closed tunnels get to log their last line.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -39,6 +39,7 @@ pub enum Error {
 
 pub struct Server {
     listeners: Vec<Listener>,
+    reloader: Reloader,
     proxy: Arc<Proxy>,
     tunnels: Tracker,
     close_tunnels: Trigger,
@@ -47,7 +48,7 @@ pub struct Server {
 
 /// Loads what each TLS listener serves (certificates, keys), so that `check` and `bind` fail
 /// on the same problems.
-fn tls_acceptors(config: &Config) -> Result<Vec<Option<TlsAcceptor>>, Error> {
+fn terminators(config: &Config) -> Result<Vec<Option<Arc<Terminator>>>, Error> {
     config
         .listeners
         .iter()
@@ -55,28 +56,90 @@ fn tls_acceptors(config: &Config) -> Result<Vec<Option<TlsAcceptor>>, Error> {
             let Some(tls) = &listener.tls else {
                 return Ok(None);
             };
-            let server_config =
-                tls::server_config(tls, listener.http2).map_err(|source| Error::Tls {
-                    listener: listener.name.clone(),
-                    source,
-                })?;
-            Ok(Some(TlsAcceptor::from(server_config)))
+            let terminator = Terminator::new(tls, listener.http2).map_err(|source| Error::Tls {
+                listener: listener.name.clone(),
+                source,
+            })?;
+            Ok(Some(Arc::new(terminator)))
         })
         .collect()
+}
+
+/// Reloads the certificates of every TLS listener: on SIGHUP, and when their files change.
+#[derive(Clone)]
+pub struct Reloader {
+    terminators: Arc<[(String, Arc<Terminator>)]>,
+    failures: Arc<AtomicU64>,
+}
+
+impl Reloader {
+    /// Reloads every TLS listener; one that fails keeps its previous certificates.
+    pub fn reload(&self) {
+        for (listener, terminator) in self.terminators.iter() {
+            self.reload_one(listener, terminator);
+        }
+    }
+
+    /// Reloads that failed since start.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    fn reload_one(&self, listener: &str, terminator: &Terminator) {
+        match terminator.reload() {
+            Ok(()) => tracing::info!(listener, "certificates reloaded"),
+            Err(err) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    listener,
+                    error = %telemetry::error_chain(&err),
+                    "certificate reload failed; still serving the previous certificates"
+                );
+            }
+        }
+    }
+
+    /// Looks at the certificate files every `watch_interval` and reloads a listener whose
+    /// files changed, until `stop` fires.
+    async fn watch(self, mut stop: Signal) {
+        let Some(interval) = self
+            .terminators
+            .iter()
+            .map(|(_, t)| t.watch_interval())
+            .min()
+        else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                () = stop.fired() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            for (listener, terminator) in self.terminators.iter() {
+                if terminator.files_changed() {
+                    self.reload_one(listener, terminator);
+                }
+            }
+        }
+    }
 }
 
 impl Server {
     /// Checks what a config needs beyond its own text (certificate and key files), without
     /// binding anything.
     pub fn check(config: &Config) -> Result<(), Error> {
-        tls_acceptors(config).map(drop)
+        terminators(config).map(drop)
     }
 
     /// Binds every listener, so that a port already in use fails before anything serves.
     pub async fn bind(config: &Config) -> Result<Server, Error> {
-        let acceptors = tls_acceptors(config)?;
+        let terminators = terminators(config)?;
         let mut listeners = Vec::with_capacity(config.listeners.len());
-        for (listener, tls) in config.listeners.iter().zip(acceptors) {
+        let mut reloadable = Vec::new();
+        for (listener, terminator) in config.listeners.iter().zip(terminators) {
+            if let Some(terminator) = &terminator {
+                reloadable.push((listener.name.clone(), terminator.clone()));
+            }
             let socket = TcpListener::bind(listener.bind)
                 .await
                 .map_err(|source| Error::Bind {
@@ -92,7 +155,7 @@ impl Server {
                     &config.limits,
                     listener.http2,
                 )),
-                tls,
+                tls: terminator.map(|t| t.acceptor.clone()),
                 tls_failures: Arc::default(),
             });
         }
@@ -101,11 +164,20 @@ impl Server {
         let snapshot = Arc::new(Snapshot::new(config));
         Ok(Server {
             listeners,
+            reloader: Reloader {
+                terminators: reloadable.into(),
+                failures: Arc::default(),
+            },
             proxy: Arc::new(Proxy::new(snapshot, tunnels.clone(), close_signal)),
             tunnels,
             close_tunnels,
             drain: config.timeouts.drain,
         })
+    }
+
+    /// What reloads the TLS listeners' certificates (for SIGHUP).
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     /// Failed TLS handshakes (and plain HTTP sent) on the listener named `name`.
@@ -136,6 +208,7 @@ impl Server {
         }
         let (stop_accepting, drain_signal) = shutdown::channel();
         let connections = Tracker::default();
+        tokio::spawn(self.reloader.clone().watch(drain_signal.clone()));
         for listener in self.listeners {
             tokio::spawn(listener.serve(
                 self.proxy.clone(),

@@ -96,6 +96,8 @@ pub struct Tls {
     pub certificates: Vec<CertificateFiles>,
     pub unknown_sni: UnknownSni,
     pub min_version: TlsVersion,
+    /// How often the certificate and key files are checked for changes (and reloaded).
+    pub watch_interval: Duration,
 }
 
 /// PEM files, resolved against the config file's folder.

@@ -64,6 +64,7 @@ pub struct Tls {
     pub certificates: Spanned<Vec<Certificate>>,
     pub unknown_sni: Option<Spanned<String>>,
     pub min_version: Option<Spanned<String>>,
+    pub watch_interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

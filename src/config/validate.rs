@@ -270,6 +270,7 @@ impl Validator<'_> {
             certificates,
             unknown_sni,
             min_version,
+            watch_interval: self.duration(raw.watch_interval, Duration::from_secs(10)),
         })
     }
 

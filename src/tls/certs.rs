@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -169,5 +169,30 @@ impl Resolver {
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.lookup(client_hello.server_name())
+    }
+}
+
+/// The resolver a listener serves from. A reload swaps what it holds; connections already
+/// established keep the certificate they were given.
+#[derive(Debug)]
+pub struct Swappable(RwLock<Arc<Resolver>>);
+
+impl Swappable {
+    pub fn new(resolver: Resolver) -> Swappable {
+        Swappable(RwLock::new(Arc::new(resolver)))
+    }
+
+    pub fn swap(&self, resolver: Resolver) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(resolver);
+    }
+
+    fn current(&self) -> Arc<Resolver> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl ResolvesServerCert for Swappable {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current().lookup(client_hello.server_name())
     }
 }

@@ -4,8 +4,8 @@
 pub mod certs;
 
 use std::io;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use rustls::ServerConfig;
 use tokio::net::TcpStream;
@@ -28,31 +28,82 @@ pub enum Error {
     Versions(#[source] rustls::Error),
 }
 
-/// Builds the server side of one TLS listener. ring is the crypto provider: it builds with
-/// only a C compiler and is fast at ECDSA P-256, the handshakes that dominate.
-pub fn server_config(tls: &config::Tls, http2: bool) -> Result<Arc<ServerConfig>, Error> {
+/// The TLS side of one listener: its acceptor, and what it needs to reload certificates.
+pub struct Terminator {
+    pub acceptor: TlsAcceptor,
+    settings: config::Tls,
+    certificates: Arc<certs::Swappable>,
+    /// Modification time and length of every certificate and key file at the last load.
+    stamps: Mutex<Vec<Option<(SystemTime, u64)>>>,
+}
+
+impl Terminator {
+    /// Loads the certificates and builds the server config. ring is the crypto provider: it
+    /// builds with only a C compiler and is fast at ECDSA P-256, the handshakes that dominate.
+    pub fn new(tls: &config::Tls, http2: bool) -> Result<Terminator, Error> {
+        let stamps = stamps(tls);
+        let resolver = load_resolver(tls)?;
+        let certificates = Arc::new(certs::Swappable::new(resolver));
+        let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
+            TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+            TlsVersion::V1_3 => &[&rustls::version::TLS13],
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .map_err(Error::Versions)?
+            .with_no_client_auth()
+            .with_cert_resolver(certificates.clone());
+        config.alpn_protocols = if http2 {
+            vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()]
+        } else {
+            vec![ALPN_HTTP11.to_vec()]
+        };
+        Ok(Terminator {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+            settings: tls.clone(),
+            certificates,
+            stamps: Mutex::new(stamps),
+        })
+    }
+
+    /// Loads every certificate again and serves them from the next handshake on. On any
+    /// error the previous certificates keep serving, and the error says which file failed.
+    pub fn reload(&self) -> Result<(), Error> {
+        *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) = stamps(&self.settings);
+        let resolver = load_resolver(&self.settings)?;
+        self.certificates.swap(resolver);
+        Ok(())
+    }
+
+    /// Whether a certificate or key file changed since the last load (or reload attempt).
+    pub fn files_changed(&self) -> bool {
+        *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) != stamps(&self.settings)
+    }
+
+    pub fn watch_interval(&self) -> Duration {
+        self.settings.watch_interval
+    }
+}
+
+fn load_resolver(tls: &config::Tls) -> Result<certs::Resolver, Error> {
     let certificates = tls
         .certificates
         .iter()
         .map(certs::load)
         .collect::<Result<Vec<_>, _>>()?;
-    let resolver = certs::Resolver::new(&certificates, tls.unknown_sni);
-    let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
-        TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-        TlsVersion::V1_3 => &[&rustls::version::TLS13],
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions)
-        .map_err(Error::Versions)?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
-    config.alpn_protocols = if http2 {
-        vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()]
-    } else {
-        vec![ALPN_HTTP11.to_vec()]
-    };
-    Ok(Arc::new(config))
+    Ok(certs::Resolver::new(&certificates, tls.unknown_sni))
+}
+
+fn stamps(tls: &config::Tls) -> Vec<Option<(SystemTime, u64)>> {
+    tls.certificates
+        .iter()
+        .flat_map(|files| [&files.cert, &files.key])
+        .map(|path| {
+            let metadata = std::fs::metadata(path).ok()?;
+            Some((metadata.modified().ok()?, metadata.len()))
+        })
+        .collect()
 }
 
 /// What the handshake established.

@@ -403,3 +403,89 @@ async fn h2_with_extended_connect(
         .expect("the server enables extended CONNECT");
     sender
 }
+
+/// Renewed certificate files are picked up without a restart: a live wss tunnel keeps
+/// working, new handshakes get the new certificate, and a broken renewal (a key that does not
+/// match) keeps the previous certificate serving.
+#[tokio::test]
+async fn certificates_reload_when_their_files_change_without_dropping_a_tunnel() {
+    let backend = WsBackend::start("a").await;
+    let site = site();
+    let config = tls_config(
+        &[&site.exact],
+        "watch_interval = \"50ms\"",
+        &proxy_config(&[backend.addr]),
+    );
+    let gw = TestGateway::start(&config).await;
+    let client = site.pki.client_config(&[b"http/1.1"]);
+    let stream = tls_connect(gw.addr, "a.test", client.clone())
+        .await
+        .unwrap();
+    assert_eq!(served_certificate(&stream), site.exact.der);
+    let (mut ws, _) = within(
+        WAIT,
+        tokio_tungstenite::client_async("wss://a.test/", stream),
+    )
+    .await
+    .expect("wss handshake");
+
+    let renewed = site.pki.reissue(&site.exact, &["a.test"]);
+    assert_ne!(renewed.der, site.exact.der);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let stream = tls_connect(gw.addr, "a.test", client.clone())
+            .await
+            .unwrap();
+        if served_certificate(&stream) == renewed.der {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed certificate never served"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    within(WAIT, ws.send(Message::Text("still here".into())))
+        .await
+        .unwrap();
+    let echo = within(WAIT, ws.next()).await.expect("an echo").unwrap();
+    assert_eq!(echo, Message::Text("still here".into()));
+
+    // A renewal gone wrong: the key no longer matches. The renewed certificate stays.
+    let failures_before = gw.reloader.failures();
+    std::fs::copy(&site.wildcard.key, &renewed.key).unwrap();
+    eventually("failed reload counted", || {
+        gw.reloader.failures() > failures_before
+    })
+    .await;
+    let stream = tls_connect(gw.addr, "a.test", client.clone())
+        .await
+        .unwrap();
+    assert_eq!(served_certificate(&stream), renewed.der);
+
+    // SIGHUP's path: an explicit reload once the files are whole again.
+    let again = site.pki.reissue(&site.exact, &["a.test"]);
+    gw.reloader.reload();
+    let stream = tls_connect(gw.addr, "a.test", client).await.unwrap();
+    assert_eq!(served_certificate(&stream), again.der);
+}
+
+#[test]
+fn sighup_reloads_certificates_in_the_binary() {
+    let site = site();
+    let config = TempFile::new(
+        "sighup",
+        &tls_config(
+            &[&site.exact],
+            "watch_interval = \"1h\"",
+            "[log]\nlevel = \"info\"\n",
+        ),
+    );
+    let mut gateway = binary::Gateway::spawn(&config.path);
+    gateway.listening_address();
+    gateway.wait_for_signal_handlers();
+    gateway.signal("HUP");
+    gateway.wait_for_line("certificates reloaded");
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait_exit(WAIT).code(), Some(0));
+}

@@ -91,6 +91,8 @@ pub struct TestGateway {
     pub addr: SocketAddr,
     /// Failed TLS handshakes on the (first) listener.
     pub tls_failures: Arc<AtomicU64>,
+    /// Reloads the TLS listeners' certificates, as SIGHUP does.
+    pub reloader: wsgate::server::Reloader,
     snapshot: Arc<Snapshot>,
     drain: Duration,
     stop: Option<oneshot::Sender<()>>,
@@ -114,6 +116,7 @@ impl TestGateway {
             .expect("gateway binds 127.0.0.1:0");
         let (name, addr) = server.local_addrs().swap_remove(0);
         let tls_failures = server.tls_failures(&name).expect("the listener exists");
+        let reloader = server.reloader();
         let snapshot = server.snapshot();
         let (stop, stop_signal) = oneshot::channel::<()>();
         let (stopping_tx, stopping) = oneshot::channel::<()>();
@@ -125,6 +128,7 @@ impl TestGateway {
         TestGateway {
             addr,
             tls_failures,
+            reloader,
             snapshot,
             drain: config.timeouts.drain,
             stop: Some(stop),
