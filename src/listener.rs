@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Limits, Timeouts};
-use crate::proxy::{error::PLAIN_HTTP_TO_TLS_PORT, ConnInfo, Proxy, TlsInfo};
+use crate::proxy::{error::PLAIN_HTTP_TO_TLS_PORT, ConnInfo, ListenerPolicy, Proxy, TlsInfo};
 use crate::shutdown::{Signal, Tracker};
 use crate::tls;
 
@@ -36,6 +36,7 @@ pub struct Listener {
     pub socket: TcpListener,
     pub protocols: Arc<Protocols>,
     pub tls: Option<TlsAcceptor>,
+    pub policy: Arc<ListenerPolicy>,
     /// Failed TLS handshakes, for operators to watch.
     pub tls_failures: Arc<AtomicU64>,
 }
@@ -89,6 +90,7 @@ impl Listener {
                             listener: self.name.clone(),
                             peer,
                             tls: None,
+                            policy: self.policy.clone(),
                         },
                     };
                     let task = serve_connection(

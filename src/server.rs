@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use http::HeaderValue;
 use tokio::net::TcpListener;
 
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::listener::{Listener, Protocols};
-use crate::proxy::{Proxy, Snapshot};
+use crate::proxy::{HttpsRedirect, ListenerPolicy, Proxy, Snapshot};
 use crate::shutdown::{self, Signal, Tracker, Trigger};
 use crate::telemetry;
 use crate::tls::{self, Terminator};
@@ -63,6 +64,20 @@ fn terminators(config: &Config) -> Result<Vec<Option<Arc<Terminator>>>, Error> {
             Ok(Some(Arc::new(terminator)))
         })
         .collect()
+}
+
+fn policy(listener: &config::Listener) -> ListenerPolicy {
+    ListenerPolicy {
+        redirect: listener.redirect_https.as_ref().map(|r| HttpsRedirect {
+            port: r.port,
+            except: r.except.clone(),
+        }),
+        hsts: listener
+            .tls
+            .as_ref()
+            .and_then(|tls| tls.hsts.as_deref())
+            .and_then(|hsts| HeaderValue::from_str(hsts).ok()),
+    }
 }
 
 /// Reloads the certificates of every TLS listener: on SIGHUP, and when their files change.
@@ -156,6 +171,7 @@ impl Server {
                     listener.http2,
                 )),
                 tls: terminator.map(|t| t.acceptor.clone()),
+                policy: Arc::new(policy(listener)),
                 tls_failures: Arc::default(),
             });
         }

@@ -88,6 +88,16 @@ pub struct Listener {
     /// HTTP/2 besides HTTP/1.1: offered by ALPN with TLS, prior-knowledge h2c without.
     pub http2: bool,
     pub tls: Option<Tls>,
+    /// A plain listener that sends clients to HTTPS.
+    pub redirect_https: Option<RedirectHttps>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedirectHttps {
+    /// The HTTPS port named in `Location` (left out when 443).
+    pub port: u16,
+    /// Path prefixes served here instead, e.g. `/.well-known/acme-challenge/`.
+    pub except: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +108,8 @@ pub struct Tls {
     pub min_version: TlsVersion,
     /// How often the certificate and key files are checked for changes (and reloaded).
     pub watch_interval: Duration,
+    /// `Strict-Transport-Security` value added to every response of this listener.
+    pub hsts: Option<String>,
 }
 
 /// PEM files, resolved against the config file's folder.

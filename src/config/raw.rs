@@ -56,6 +56,15 @@ pub struct Listener {
     pub bind: Spanned<String>,
     pub http2: Option<bool>,
     pub tls: Option<Tls>,
+    pub redirect_https: Option<Spanned<RedirectHttps>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectHttps {
+    pub port: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub except: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,6 +74,7 @@ pub struct Tls {
     pub unknown_sni: Option<Spanned<String>>,
     pub min_version: Option<Spanned<String>>,
     pub watch_interval: Option<Spanned<String>>,
+    pub hsts: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -11,7 +11,8 @@ use toml::Spanned;
 use super::raw;
 use super::{
     Action, Balance, CertificateFiles, Config, Diagnostic, HostPattern, Limits, Listener, Location,
-    Log, Route, Server, ServerAddress, Timeouts, Tls, TlsVersion, UnknownSni, Upstream,
+    Log, RedirectHttps, Route, Server, ServerAddress, Timeouts, Tls, TlsVersion, UnknownSni,
+    Upstream,
 };
 
 /// hyper cannot read a request head into a buffer smaller than this.
@@ -204,16 +205,59 @@ impl Validator<'_> {
                     format!("bind address {bind} is used by another listener"),
                 );
             }
+            let has_tls = listener.tls.is_some();
             let tls = listener.tls.and_then(|tls| self.tls(tls));
+            let redirect_https = listener.redirect_https.and_then(|redirect| {
+                if has_tls {
+                    self.error(
+                        redirect.span(),
+                        "redirect_https belongs on a plain listener, not on a TLS one".to_owned(),
+                    );
+                    return None;
+                }
+                self.redirect(redirect.into_inner())
+            });
             listeners.push(Listener {
                 name: listener.name.into_inner(),
                 bind,
                 // HTTP/2 is what browsers speak over TLS; h2c is opt-in.
                 http2: listener.http2.unwrap_or(tls.is_some()),
                 tls,
+                redirect_https,
             });
         }
         listeners
+    }
+
+    fn redirect(&mut self, raw: raw::RedirectHttps) -> Option<RedirectHttps> {
+        let port = match raw.port {
+            None => 443,
+            Some(port) => match u16::try_from(*port.get_ref()) {
+                Ok(p) if p != 0 => p,
+                _ => {
+                    self.error(
+                        port.span(),
+                        "redirect_https port must be 1-65535".to_owned(),
+                    );
+                    return None;
+                }
+            },
+        };
+        let mut except = Vec::with_capacity(raw.except.len());
+        for prefix in raw.except {
+            if !prefix.get_ref().starts_with('/') {
+                self.error(
+                    prefix.span(),
+                    format!(
+                        "redirect_https except {:?} must be a path starting with '/'",
+                        prefix.get_ref()
+                    ),
+                );
+                continue;
+            }
+            except.push(prefix.into_inner());
+        }
+        Some(RedirectHttps { port, except })
     }
 
     fn tls(&mut self, raw: raw::Tls) -> Option<Tls> {
@@ -271,6 +315,17 @@ impl Validator<'_> {
             unknown_sni,
             min_version,
             watch_interval: self.duration(raw.watch_interval, Duration::from_secs(10)),
+            hsts: raw.hsts.and_then(|hsts| {
+                let valid = hsts.get_ref().contains("max-age=")
+                    && http::HeaderValue::from_str(hsts.get_ref()).is_ok();
+                if !valid {
+                    self.error(
+                        hsts.span(),
+                        format!("invalid hsts {:?}: expected e.g. \"max-age=31536000; includeSubDomains\"", hsts.get_ref()),
+                    );
+                }
+                valid.then(|| hsts.into_inner())
+            }),
         })
     }
 
@@ -727,6 +782,28 @@ mod tests {
             errs[1].starts_with("t.toml:7:15: unsupported min_version \"1.1\""),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn redirect_and_hsts_are_checked() {
+        let text = "[[listener]]\nname = \"http\"\nbind = \"127.0.0.1:80\"\nredirect_https = { except = [\"/.well-known/acme-challenge/\"] }\n";
+        let config = validate(text, "t.toml").unwrap();
+        let redirect = config.listeners[0].redirect_https.as_ref().unwrap();
+        assert_eq!(redirect.port, 443);
+        assert_eq!(redirect.except, ["/.well-known/acme-challenge/"]);
+
+        let text = "[[listener]]\nname = \"http\"\nbind = \"127.0.0.1:80\"\nredirect_https = { port = 0, except = [\"acme\"] }\n[[listener]]\nname = \"https\"\nbind = \"127.0.0.1:443\"\nredirect_https = {}\n[listener.tls]\ncertificates = [{ cert = \"c\", key = \"k\" }]\nhsts = \"forever\"\n";
+        let errs = errors(text);
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(
+            errs[0].contains("redirect_https port must be 1-65535"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].contains("redirect_https belongs on a plain listener"),
+            "{errs:?}"
+        );
+        assert!(errs[2].contains("invalid hsts \"forever\""), "{errs:?}");
     }
 
     #[test]

@@ -11,7 +11,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use http::header::{
-    HeaderValue, CONTENT_TYPE, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE,
+    HeaderValue, CONTENT_TYPE, HOST, LOCATION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
+    STRICT_TRANSPORT_SECURITY, UPGRADE,
 };
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -46,6 +47,40 @@ impl Snapshot {
     }
 }
 
+/// What a listener does to every request besides routing it, shared by its connections.
+#[derive(Debug, Default)]
+pub struct ListenerPolicy {
+    pub redirect: Option<HttpsRedirect>,
+    /// Added to every response (`Strict-Transport-Security`).
+    pub hsts: Option<HeaderValue>,
+}
+
+/// Answer with a permanent redirect to HTTPS, except under some path prefixes (ACME http-01
+/// challenges must reach a backend over plain HTTP).
+#[derive(Debug, Clone)]
+pub struct HttpsRedirect {
+    pub port: u16,
+    pub except: Vec<String>,
+}
+
+impl HttpsRedirect {
+    fn exempts(&self, path: &str) -> bool {
+        self.except
+            .iter()
+            .any(|prefix| path.starts_with(prefix.as_str()))
+    }
+
+    /// Same host (without its port) and target; the port only when it is not 443.
+    fn location(&self, host: &str, uri: &Uri) -> String {
+        let host = crate::router::host_without_port(host);
+        let target = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        match self.port {
+            443 => format!("https://{host}{target}"),
+            port => format!("https://{host}:{port}{target}"),
+        }
+    }
+}
+
 /// The client connection a request arrived on, computed once per connection. Only what is
 /// used is here: each fact can cost a syscall per connection (the local address does).
 #[derive(Debug, Clone)]
@@ -53,6 +88,7 @@ pub struct ConnInfo {
     pub listener: Arc<str>,
     pub peer: SocketAddr,
     pub tls: Option<TlsInfo>,
+    pub policy: Arc<ListenerPolicy>,
 }
 
 /// What the TLS handshake of a connection established.
@@ -113,12 +149,17 @@ impl Proxy {
         let host_text = facts.host.to_str().unwrap_or("");
         let path = facts.uri.path();
         let mut route = None;
+        let redirect = conn.policy.redirect.as_ref().filter(|r| !r.exempts(path));
         let result = match host {
             // Extended CONNECT (RFC 8441) carries a :protocol and is routed like a handshake.
             _ if facts.method == Method::CONNECT && connect_protocol(&request).is_none() => {
                 Err(ProxyError::ConnectMethod)
             }
             Err(err) => Err(err),
+            Ok(_) if redirect.is_some() && !host_text.is_empty() => {
+                let to = redirect.expect("checked").location(host_text, &facts.uri);
+                Ok((redirect_to(to), None))
+            }
             Ok(_) => match self.snapshot.router.route(host_text, path) {
                 None => Err(ProxyError::NoRoute),
                 Some(matched) => {
@@ -129,7 +170,7 @@ impl Proxy {
             },
         };
         let route_name = route.map(|r| r.name.as_str());
-        match result {
+        let mut response = match result {
             Ok((response, server)) => {
                 if self.snapshot.access_log {
                     tracing::info!(
@@ -156,7 +197,13 @@ impl Proxy {
                     client: conn.peer,
                 },
             ),
+        };
+        if let Some(hsts) = &conn.policy.hsts {
+            response
+                .headers_mut()
+                .insert(STRICT_TRANSPORT_SECURITY, hsts.clone());
         }
+        response
     }
 
     /// Returns the response and, when proxied, the upstream server that answered.
@@ -366,6 +413,15 @@ fn prepare_upstream_request(
         host: (!facts.host.is_empty()).then_some(&facts.host),
     };
     headers::to_upstream(request.headers_mut(), &forwarding, upgrade);
+}
+
+/// 308 keeps the method and body, unlike 301 (RFC 9110 §15.4.9).
+fn redirect_to(location: String) -> Response<ProxyBody> {
+    let mut response = respond(StatusCode::PERMANENT_REDIRECT, bytes::Bytes::new());
+    if let Ok(location) = HeaderValue::try_from(location) {
+        response.headers_mut().insert(LOCATION, location);
+    }
+    response
 }
 
 fn respond(status: StatusCode, body: bytes::Bytes) -> Response<ProxyBody> {

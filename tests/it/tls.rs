@@ -489,3 +489,78 @@ fn sighup_reloads_certificates_in_the_binary() {
     gateway.signal("TERM");
     assert_eq!(gateway.wait_exit(WAIT).code(), Some(0));
 }
+
+#[tokio::test]
+async fn plain_listener_redirects_to_https_except_acme_challenges() {
+    let mut backend = HttpBackend::start("a").await;
+    let config = format!(
+        "{}\n[[listener]]\nname = \"http\"\nbind = \"127.0.0.1:0\"\n\
+         redirect_https = {{ port = 8443, except = [\"/.well-known/acme-challenge/\"] }}\n",
+        proxy_config(&[backend.addr])
+    );
+    let gw = TestGateway::start(&config).await;
+    let reply = crate::support::get(gw.addr, "site.test:8080", "/a/b?c=1").await;
+    assert_eq!(reply.status, 308);
+    assert_eq!(
+        reply.header("location"),
+        Some("https://site.test:8443/a/b?c=1")
+    );
+    let reply =
+        crate::support::get(gw.addr, "site.test", "/.well-known/acme-challenge/token").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        backend.next_request().await.uri,
+        "/.well-known/acme-challenge/token"
+    );
+    assert_eq!(
+        backend.requests().len(),
+        1,
+        "only the challenge reached the backend"
+    );
+
+    // On the default port, Location names no port.
+    let config = "[[listener]]\nname = \"http\"\nbind = \"127.0.0.1:0\"\nredirect_https = {}\n";
+    let gw = TestGateway::start(config).await;
+    let reply = crate::support::get(gw.addr, "site.test", "/x").await;
+    assert_eq!(reply.status, 308);
+    assert_eq!(reply.header("location"), Some("https://site.test/x"));
+}
+
+#[tokio::test]
+async fn hsts_is_added_to_every_response_of_a_tls_listener() {
+    let backend = HttpBackend::start("a").await;
+    let site = site();
+    let routes = format!(
+        "[[route]]\nname = \"app\"\nhosts = [\"a.test\"]\nupstream = \"app\"\n\n{}",
+        crate::support::upstream_config("app", "round_robin", &[backend.addr])
+    );
+    let config = tls_config(
+        &[&site.exact],
+        "hsts = \"max-age=31536000; includeSubDomains\"",
+        &routes,
+    );
+    let gw = TestGateway::start(&config).await;
+    for (host, status) in [("a.test", 200), ("unrouted.test", 404)] {
+        let stream = tls_connect(gw.addr, "a.test", site.pki.client_config(&[b"http/1.1"]))
+            .await
+            .unwrap();
+        let (mut sender, connection) = within(
+            WAIT,
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        let request = Request::get("/")
+            .header("host", host)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = within(WAIT, sender.send_request(request)).await.unwrap();
+        assert_eq!(response.status(), status, "{host}");
+        assert_eq!(
+            response.headers()["strict-transport-security"],
+            "max-age=31536000; includeSubDomains",
+            "{host}"
+        );
+    }
+}
