@@ -160,6 +160,7 @@ async fn serve_connection(
             connection.info.tls = Some(TlsInfo {
                 sni: facts.sni,
                 h2: facts.h2,
+                client_identity: facts.client_identity,
             });
             serve_http(
                 TokioIo::new(*stream),

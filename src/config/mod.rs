@@ -110,6 +110,18 @@ pub struct Tls {
     pub watch_interval: Duration,
     /// `Strict-Transport-Security` value added to every response of this listener.
     pub hsts: Option<String>,
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// Client certificates (mTLS), verified against a CA bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    pub ca: PathBuf,
+    /// Clients without a certificate are let in (a presented one must still verify).
+    pub optional: bool,
+    /// Carries the verified identity to the upstream; a client's own header of that name
+    /// is always removed.
+    pub identity_header: Option<String>,
 }
 
 /// PEM files, resolved against the config file's folder.

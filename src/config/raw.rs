@@ -75,6 +75,9 @@ pub struct Tls {
     pub min_version: Option<Spanned<String>>,
     pub watch_interval: Option<Spanned<String>>,
     pub hsts: Option<Spanned<String>>,
+    pub client_ca: Option<Spanned<String>>,
+    pub client_auth: Option<Spanned<String>>,
+    pub client_identity_header: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,9 +10,9 @@ use toml::Spanned;
 
 use super::raw;
 use super::{
-    Action, Balance, CertificateFiles, Config, Diagnostic, HostPattern, Limits, Listener, Location,
-    Log, RedirectHttps, Route, Server, ServerAddress, Timeouts, Tls, TlsVersion, UnknownSni,
-    Upstream,
+    Action, Balance, CertificateFiles, ClientAuth, Config, Diagnostic, HostPattern, Limits,
+    Listener, Location, Log, RedirectHttps, Route, Server, ServerAddress, Timeouts, Tls,
+    TlsVersion, UnknownSni, Upstream,
 };
 
 /// hyper cannot read a request head into a buffer smaller than this.
@@ -260,6 +260,53 @@ impl Validator<'_> {
         Some(RedirectHttps { port, except })
     }
 
+    fn client_auth(&mut self, raw: &raw::Tls, base: &std::path::Path) -> Option<ClientAuth> {
+        let optional = match raw
+            .client_auth
+            .as_ref()
+            .map(|a| (a.get_ref().as_str(), a.span()))
+        {
+            None | Some(("required", _)) => false,
+            Some(("optional", _)) => true,
+            Some((other, span)) => {
+                self.error(
+                    span,
+                    format!("unknown client_auth {other:?} (known: required, optional)"),
+                );
+                false
+            }
+        };
+        let identity_header = raw.client_identity_header.as_ref().and_then(|header| {
+            let valid = http::HeaderName::from_bytes(header.get_ref().as_bytes()).is_ok();
+            if !valid {
+                self.error(
+                    header.span(),
+                    format!("invalid header name {:?}", header.get_ref()),
+                );
+            }
+            valid.then(|| header.get_ref().to_ascii_lowercase())
+        });
+        let Some(ca) = &raw.client_ca else {
+            if let Some(span) = raw
+                .client_auth
+                .as_ref()
+                .map(Spanned::span)
+                .or_else(|| raw.client_identity_header.as_ref().map(Spanned::span))
+            {
+                self.error(
+                    span,
+                    "client certificates need client_ca = \"ca.pem\"".to_owned(),
+                );
+            }
+            return None;
+        };
+        Some(ClientAuth {
+            ca: base.join(ca.get_ref()),
+            optional,
+            identity_header,
+        })
+    }
+
     fn tls(&mut self, raw: raw::Tls) -> Option<Tls> {
         if raw.certificates.get_ref().is_empty() {
             self.error(
@@ -301,6 +348,7 @@ impl Validator<'_> {
         let base = std::path::Path::new(self.file)
             .parent()
             .unwrap_or(std::path::Path::new(""));
+        let client_auth = self.client_auth(&raw, base);
         let certificates = raw
             .certificates
             .into_inner()
@@ -326,6 +374,7 @@ impl Validator<'_> {
                 }
                 valid.then(|| hsts.into_inner())
             }),
+            client_auth,
         })
     }
 
@@ -804,6 +853,12 @@ mod tests {
             "{errs:?}"
         );
         assert!(errs[2].contains("invalid hsts \"forever\""), "{errs:?}");
+
+        let text = "[[listener]]\nname = \"https\"\nbind = \"127.0.0.1:443\"\n[listener.tls]\ncertificates = [{ cert = \"c\", key = \"k\" }]\nclient_auth = \"optional\"\n";
+        assert_eq!(
+            errors(text),
+            ["t.toml:6:15: client certificates need client_ca = \"ca.pem\""]
+        );
     }
 
     #[test]

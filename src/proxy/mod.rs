@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use http::header::{
-    HeaderValue, CONTENT_TYPE, HOST, LOCATION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
+    HeaderName, HeaderValue, CONTENT_TYPE, HOST, LOCATION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
     STRICT_TRANSPORT_SECURITY, UPGRADE,
 };
 use http::uri::PathAndQuery;
@@ -53,6 +53,8 @@ pub struct ListenerPolicy {
     pub redirect: Option<HttpsRedirect>,
     /// Added to every response (`Strict-Transport-Security`).
     pub hsts: Option<HeaderValue>,
+    /// Carries the client certificate's identity upstream; a client's own is removed.
+    pub client_identity_header: Option<HeaderName>,
 }
 
 /// Answer with a permanent redirect to HTTPS, except under some path prefixes (ACME http-01
@@ -97,6 +99,8 @@ pub struct TlsInfo {
     pub sni: Option<String>,
     /// ALPN chose HTTP/2.
     pub h2: bool,
+    /// The verified client certificate's names (mTLS).
+    pub client_identity: Option<String>,
 }
 
 #[derive(Debug)]
@@ -413,6 +417,16 @@ fn prepare_upstream_request(
         host: (!facts.host.is_empty()).then_some(&facts.host),
     };
     headers::to_upstream(request.headers_mut(), &forwarding, upgrade);
+    if let Some(name) = &conn.policy.client_identity_header {
+        let identity = conn
+            .tls
+            .as_ref()
+            .and_then(|tls| tls.client_identity.as_deref());
+        match identity.and_then(|id| HeaderValue::from_str(id).ok()) {
+            Some(identity) => request.headers_mut().insert(name, identity),
+            None => request.headers_mut().remove(name),
+        };
+    }
 }
 
 /// 308 keeps the method and body, unlike 301 (RFC 9110 §15.4.9).

@@ -7,7 +7,10 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -26,6 +29,11 @@ pub enum Error {
     Certificate(#[from] certs::Error),
     #[error("no protocol version left to offer")]
     Versions(#[source] rustls::Error),
+    #[error("client CA bundle {}: {reason}", .path.display())]
+    ClientCa {
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 /// The TLS side of one listener: its acceptor, and what it needs to reload certificates.
@@ -49,11 +57,14 @@ impl Terminator {
             TlsVersion::V1_3 => &[&rustls::version::TLS13],
         };
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = ServerConfig::builder_with_provider(provider)
+        let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions)
-            .map_err(Error::Versions)?
-            .with_no_client_auth()
-            .with_cert_resolver(certificates.clone());
+            .map_err(Error::Versions)?;
+        let builder = match &tls.client_auth {
+            None => builder.with_no_client_auth(),
+            Some(auth) => builder.with_client_cert_verifier(client_verifier(auth, provider)?),
+        };
+        let mut config = builder.with_cert_resolver(certificates.clone());
         config.alpn_protocols = if http2 {
             vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()]
         } else {
@@ -86,6 +97,45 @@ impl Terminator {
     }
 }
 
+/// Verifies client certificates against the CA bundle of `auth`.
+fn client_verifier(
+    auth: &config::ClientAuth,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, Error> {
+    let ca_error = |reason: String| Error::ClientCa {
+        path: auth.ca.clone(),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certificates = CertificateDer::pem_file_iter(&auth.ca)
+        .map_err(|err| ca_error(err.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| ca_error(err.to_string()))?;
+    let (added, _) = roots.add_parsable_certificates(certificates);
+    if added == 0 {
+        return Err(ca_error("no usable CA certificate".to_owned()));
+    }
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    let builder = if auth.optional {
+        builder.allow_unauthenticated()
+    } else {
+        builder
+    };
+    builder.build().map_err(|err| ca_error(err.to_string()))
+}
+
+/// The names a verified client certificate carries (`DNS:…`, `URI:…`), comma-separated.
+fn client_identity(connection: &rustls::ServerConnection) -> Option<String> {
+    let leaf = connection.peer_certificates()?.first()?;
+    let leaf = webpki::EndEntityCert::try_from(leaf).ok()?;
+    let names: Vec<String> = leaf
+        .valid_dns_names()
+        .map(|n| format!("DNS:{n}"))
+        .chain(leaf.valid_uri_names().map(|n| format!("URI:{n}")))
+        .collect();
+    (!names.is_empty()).then(|| names.join(","))
+}
+
 fn load_resolver(tls: &config::Tls) -> Result<certs::Resolver, Error> {
     let certificates = tls
         .certificates
@@ -111,6 +161,8 @@ fn stamps(tls: &config::Tls) -> Vec<Option<(SystemTime, u64)>> {
 pub struct Facts {
     pub sni: Option<String>,
     pub h2: bool,
+    /// The verified client certificate's names (mTLS).
+    pub client_identity: Option<String>,
 }
 
 #[derive(Debug)]
@@ -173,6 +225,7 @@ pub async fn accept(
         let facts = Facts {
             sni: connection.server_name().map(str::to_owned),
             h2: connection.alpn_protocol() == Some(ALPN_H2),
+            client_identity: client_identity(connection),
         };
         Ok(Accepted::Tls(Box::new(tls), facts))
     };

@@ -2,6 +2,7 @@
 //! plain-HTTP answer, the handshake timeout, certificate problems at start, h2c.
 
 use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -562,5 +563,71 @@ async fn hsts_is_added_to_every_response_of_a_tls_listener() {
             "max-age=31536000; includeSubDomains",
             "{host}"
         );
+    }
+}
+
+/// mTLS: a verified client certificate's names reach the backend in the configured header,
+/// a client's own header of that name never does, and a missing certificate is refused
+/// unless client certificates are optional.
+#[tokio::test]
+async fn client_certificates_are_verified_and_their_identity_forwarded() {
+    let mut backend = HttpBackend::start("a").await;
+    let site = site();
+    let client_cert = site.pki.issue("client", &["client.test"]);
+    let stranger_pki = Pki::new();
+    let stranger = stranger_pki.issue("stranger", &["stranger.test"]);
+    for optional in [false, true] {
+        let extra = format!(
+            "client_ca = {:?}\nclient_auth = \"{}\"\nclient_identity_header = \"X-Client-Identity\"",
+            site.pki.ca_file(),
+            if optional { "optional" } else { "required" }
+        );
+        let config = tls_config(&[&site.exact], &extra, &proxy_config(&[backend.addr]));
+        let gw = TestGateway::start(&config).await;
+        let addr = gw.addr;
+        let request = |client: Arc<rustls::ClientConfig>| async move {
+            let stream = tls_connect(addr, "a.test", client).await?;
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(std::io::Error::other)?;
+            tokio::spawn(connection);
+            let request = Request::get("/who")
+                .header("host", "a.test")
+                .header("x-client-identity", "DNS:spoofed.test")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            within(WAIT, sender.send_request(request))
+                .await
+                .map_err(std::io::Error::other)
+        };
+
+        let response = request(site.pki.client_config_as(&[], Some(&client_cert)))
+            .await
+            .expect("a client with a valid certificate gets through");
+        assert_eq!(response.status(), 200);
+        let seen = backend.next_request().await;
+        assert_eq!(seen.header("x-client-identity"), Some("DNS:client.test"));
+
+        // A certificate from another CA is refused either way.
+        assert!(request(stranger_pki.client_config_as(&[], Some(&stranger)))
+            .await
+            .is_err());
+
+        let anonymous = request(site.pki.client_config(&[])).await;
+        if optional {
+            assert_eq!(anonymous.expect("optional lets it in").status(), 200);
+            let seen = backend.next_request().await;
+            assert_eq!(
+                seen.header("x-client-identity"),
+                None,
+                "the spoofed header is removed"
+            );
+        } else {
+            assert!(
+                anonymous.is_err(),
+                "required refuses a client without a certificate"
+            );
+        }
     }
 }

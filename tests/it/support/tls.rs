@@ -84,18 +84,43 @@ impl Pki {
     }
 
     pub fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        self.client_config_as(alpn, None)
+    }
+
+    /// A client that presents `identity` (a leaf of this PKI) when the server asks.
+    pub fn client_config_as(
+        &self,
+        alpn: &[&[u8]],
+        identity: Option<&Issued>,
+    ) -> Arc<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(self.ca.der().clone())
             .expect("CA is a valid root");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("protocol versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let mut config = match identity {
+            None => builder.with_no_client_auth(),
+            Some(issued) => builder
+                .with_client_auth_cert(
+                    vec![issued.der.clone()],
+                    rustls::pki_types::PrivateKeyDer::from_pem_file(&issued.key).expect("key"),
+                )
+                .expect("client certificate"),
+        };
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(config)
+    }
+
+    /// The CA certificate as a PEM file (a client CA bundle).
+    pub fn ca_file(&self) -> PathBuf {
+        let path = self.dir.join("ca.pem");
+        std::fs::write(&path, self.ca.pem()).expect("write CA");
+        path
     }
 }
 
