@@ -3,6 +3,7 @@
 
 mod support;
 
+mod browser;
 mod config;
 mod errors;
 mod http;

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod binary;
+pub mod browser;
 pub mod client;
 pub mod pattern;
 pub mod raw;
