@@ -30,6 +30,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::SetupError),
     #[error("listener {listener:?}: TLS")]
     Tls {
         listener: String,
@@ -148,7 +150,9 @@ impl Server {
     /// Checks what a config needs beyond its own text (certificate and key files), without
     /// binding anything.
     pub fn check(config: &Config) -> Result<(), Error> {
-        terminators(config).map(drop)
+        terminators(config)?;
+        Snapshot::new(config)?;
+        Ok(())
     }
 
     /// Binds every listener, so that a port already in use fails before anything serves.
@@ -182,7 +186,7 @@ impl Server {
         }
         let tunnels = Tracker::default();
         let (close_tunnels, close_signal) = shutdown::channel();
-        let snapshot = Arc::new(Snapshot::new(config));
+        let snapshot = Arc::new(Snapshot::new(config)?);
         Ok(Server {
             listeners,
             reloader: Reloader {

@@ -179,6 +179,18 @@ pub struct Upstream {
     pub name: String,
     pub balance: Balance,
     pub servers: Vec<Server>,
+    /// How `https://` servers are verified and what we present to them.
+    pub tls: UpstreamTls,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// A PEM bundle to verify servers against; the system's roots when absent.
+    pub ca: Option<PathBuf>,
+    /// Accept any server certificate. Logged as a warning at start.
+    pub insecure_skip_verify: bool,
+    /// A client certificate for servers that ask for one.
+    pub client: Option<CertificateFiles>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,6 +204,21 @@ pub enum Balance {
 pub struct Server {
     pub address: ServerAddress,
     pub weight: u32,
+    /// `https://` or `wss://`: spoken to over TLS.
+    pub tls: bool,
+}
+
+impl Server {
+    /// The host name or IP the server is addressed by (its TLS server name).
+    pub fn host(&self) -> String {
+        match &self.address {
+            ServerAddress::Ip(addr) => addr.ip().to_string(),
+            ServerAddress::Name(name) => name
+                .rsplit_once(':')
+                .map_or(name.as_str(), |(h, _)| h)
+                .to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

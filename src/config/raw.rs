@@ -114,6 +114,17 @@ pub struct Upstream {
     pub name: Spanned<String>,
     pub balance: Option<Spanned<String>>,
     pub servers: Spanned<Vec<Server>>,
+    pub tls: Option<UpstreamTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    pub ca: Option<Spanned<String>>,
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+    pub client_cert: Option<Spanned<String>>,
+    pub client_key: Option<Spanned<String>>,
 }
 
 /// A server is either `"host:port"` or `{ address = "host:port", weight = 2 }`. Kept as a raw

@@ -12,7 +12,7 @@ use super::raw;
 use super::{
     Action, Balance, CertificateFiles, ClientAuth, Config, Diagnostic, HostPattern, Limits,
     Listener, Location, Log, RedirectHttps, Route, Server, ServerAddress, Timeouts, Tls,
-    TlsVersion, UnknownSni, Upstream,
+    TlsVersion, UnknownSni, Upstream, UpstreamTls,
 };
 
 /// hyper cannot read a request head into a buffer smaller than this.
@@ -569,13 +569,43 @@ impl Validator<'_> {
                 .iter()
                 .filter_map(|server| self.server(name, server))
                 .collect();
+            let tls = upstream
+                .tls
+                .map(|tls| self.upstream_tls(tls))
+                .unwrap_or_default();
             upstreams.push(Upstream {
                 name: upstream.name.into_inner(),
                 balance,
                 servers,
+                tls,
             });
         }
         upstreams
+    }
+
+    fn upstream_tls(&mut self, raw: raw::UpstreamTls) -> UpstreamTls {
+        let base = std::path::Path::new(self.file)
+            .parent()
+            .unwrap_or(std::path::Path::new(""));
+        let client = match (raw.client_cert, raw.client_key) {
+            (Some(cert), Some(key)) => Some(CertificateFiles {
+                cert: base.join(cert.get_ref()),
+                key: base.join(key.get_ref()),
+            }),
+            (None, None) => None,
+            (Some(one), None) | (None, Some(one)) => {
+                self.error(
+                    one.span(),
+                    "client_cert and client_key go together".to_owned(),
+                );
+                None
+            }
+        };
+        UpstreamTls {
+            ca: raw.ca.map(|ca| base.join(ca.get_ref())),
+            insecure_skip_verify: raw.insecure_skip_verify,
+            client,
+        }
     }
 
     fn server(&mut self, upstream: &str, raw: &raw::Server) -> Option<Server> {
@@ -620,8 +650,18 @@ impl Validator<'_> {
                 return None;
             }
         };
-        match parse_server_address(address) {
-            Some(address) => Some(Server { address, weight }),
+        // Unknown schemes leave "scheme://" in place, which no address parses.
+        let (tls, host_port) = match address.split_once("://") {
+            Some(("https" | "wss", rest)) => (true, rest),
+            Some(("http" | "ws", rest)) => (false, rest),
+            _ => (false, address),
+        };
+        match parse_server_address(host_port) {
+            Some(address) => Some(Server {
+                address,
+                weight,
+                tls,
+            }),
             None => {
                 self.error(
                     raw.span(),

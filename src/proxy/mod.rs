@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::config::{Config, Timeouts};
 use crate::router::{Route, Router, Target};
 use crate::shutdown::{Signal, Tracker};
-use crate::upstream::{Endpoint, Lease, UpstreamGroup};
+use crate::upstream::{self, Endpoint, Lease, UpstreamGroup};
 use crate::websocket::{self, tunnel, Classification, Protocol};
 use body::ProxyBody;
 use error::{ProxyError, RequestLabels};
@@ -37,13 +37,17 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn new(config: &Config) -> Snapshot {
-        Snapshot {
+    pub fn new(config: &Config) -> Result<Snapshot, upstream::SetupError> {
+        Ok(Snapshot {
             router: Router::new(&config.routes),
-            upstreams: config.upstreams.iter().map(UpstreamGroup::new).collect(),
+            upstreams: config
+                .upstreams
+                .iter()
+                .map(UpstreamGroup::new)
+                .collect::<Result<_, _>>()?,
             timeouts: config.timeouts,
             access_log: config.log.access,
-        }
+        })
     }
 }
 

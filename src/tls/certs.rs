@@ -50,6 +50,9 @@ pub enum Error {
 pub struct Certificate {
     pub names: Vec<String>,
     pub key: Arc<CertifiedKey>,
+    /// The chain and key as read, for presenting as a client.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub private_key: PrivateKeyDer<'static>,
 }
 
 impl fmt::Debug for Certificate {
@@ -83,8 +86,8 @@ pub fn load(files: &CertificateFiles) -> Result<Certificate, Error> {
             .map(str::to_ascii_lowercase)
             .collect()
     };
-    let key = CertifiedKey::new(chain, signing_key);
-    if key.keys_match().is_err() {
+    let certified = CertifiedKey::new(chain.clone(), signing_key);
+    if certified.keys_match().is_err() {
         return Err(Error::KeyMismatch {
             cert: files.cert.clone(),
             key: files.key.clone(),
@@ -92,7 +95,9 @@ pub fn load(files: &CertificateFiles) -> Result<Certificate, Error> {
     }
     Ok(Certificate {
         names,
-        key: Arc::new(key),
+        key: Arc::new(certified),
+        chain,
+        private_key: key,
     })
 }
 

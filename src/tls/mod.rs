@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rustls::server::WebPkiClientVerifier;
-use rustls::ServerConfig;
+use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpStream;
@@ -29,8 +29,8 @@ pub enum Error {
     Certificate(#[from] certs::Error),
     #[error("no protocol version left to offer")]
     Versions(#[source] rustls::Error),
-    #[error("client CA bundle {}: {reason}", .path.display())]
-    ClientCa {
+    #[error("{}: {reason}", .path.display())]
+    Bundle {
         path: std::path::PathBuf,
         reason: String,
     },
@@ -102,16 +102,12 @@ fn client_verifier(
     auth: &config::ClientAuth,
     provider: Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, Error> {
-    let ca_error = |reason: String| Error::ClientCa {
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(read_bundle(&auth.ca)?);
+    let ca_error = |reason: String| Error::Bundle {
         path: auth.ca.clone(),
         reason,
     };
-    let mut roots = rustls::RootCertStore::empty();
-    let certificates = CertificateDer::pem_file_iter(&auth.ca)
-        .map_err(|err| ca_error(err.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|err| ca_error(err.to_string()))?;
-    let (added, _) = roots.add_parsable_certificates(certificates);
     if added == 0 {
         return Err(ca_error("no usable CA certificate".to_owned()));
     }
@@ -154,6 +150,113 @@ fn stamps(tls: &config::Tls) -> Vec<Option<(SystemTime, u64)>> {
             Some((metadata.modified().ok()?, metadata.len()))
         })
         .collect()
+}
+
+/// The client side towards `https://` upstream servers: verified against the configured CA
+/// bundle or the system's roots, HTTP/1.1 by ALPN, an optional client certificate.
+pub fn upstream_client_config(tls: &config::UpstreamTls) -> Result<Arc<ClientConfig>, Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(Error::Versions)?;
+    let builder = if tls.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        match &tls.ca {
+            Some(ca) => {
+                let bundle = read_bundle(ca)?;
+                roots.add_parsable_certificates(bundle);
+                if roots.is_empty() {
+                    return Err(Error::Bundle {
+                        path: ca.clone(),
+                        reason: "no usable CA certificate".to_owned(),
+                    });
+                }
+            }
+            None => {
+                let native = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(native.certs);
+            }
+        }
+        builder.with_root_certificates(roots)
+    };
+    let mut config = match &tls.client {
+        None => builder.with_no_client_auth(),
+        Some(files) => {
+            let certificate = certs::load(files)?;
+            builder
+                .with_client_auth_cert(certificate.chain, certificate.private_key)
+                .map_err(|err| Error::Bundle {
+                    path: files.key.clone(),
+                    reason: err.to_string(),
+                })?
+        }
+    };
+    config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn read_bundle(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let bundle_error = |reason: String| Error::Bundle {
+        path: path.to_owned(),
+        reason,
+    };
+    CertificateDer::pem_file_iter(path)
+        .map_err(|err| bundle_error(err.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| bundle_error(err.to_string()))
+}
+
+/// `insecure_skip_verify`: signatures are still checked, the certificate is not.
+#[derive(Debug)]
+struct AcceptAnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// What the handshake established.

@@ -17,11 +17,15 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+use tokio_rustls::TlsConnector;
 
 use crate::config::{self, Balance, ServerAddress, Timeouts};
 use crate::telemetry::error_chain;
+use crate::tls;
 use pool::Pool;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +38,12 @@ pub enum Error {
     },
     #[error("connect to {server} timed out after {after:?}")]
     ConnectTimeout { server: String, after: Duration },
+    #[error("TLS with {server} failed")]
+    Tls {
+        server: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("{server} sent no response head within {after:?} of the request")]
     ResponseTimeout { server: String, after: Duration },
     #[error("exchange with {server} failed")]
@@ -66,12 +76,26 @@ pub struct UpstreamGroup {
 #[derive(Debug)]
 pub struct Endpoint {
     address: ServerAddress,
+    /// For `https://` servers.
+    tls: Option<Tls>,
     /// The address as configured, for logs and error pages.
     pub label: String,
     /// Leases alive: requests in flight plus open tunnels.
     active: AtomicUsize,
     tunnels: AtomicUsize,
     pool: Pool<RequestBody>,
+}
+
+/// The connector and the name a TLS server is sent (SNI) and verified against.
+struct Tls {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("name", &self.name).finish()
+    }
 }
 
 impl Endpoint {
@@ -111,8 +135,30 @@ impl Endpoint {
         };
         // Small writes (WebSocket frames, request heads) must not wait for Nagle.
         let _ = stream.set_nodelay(true);
+        match &self.tls {
+            None => self.handshake(stream).await,
+            Some(Tls { connector, name }) => {
+                let tls = tokio::time::timeout(after, connector.connect(name.clone(), stream))
+                    .await
+                    .map_err(|_| Error::ConnectTimeout {
+                        server: self.label.clone(),
+                        after,
+                    })?
+                    .map_err(|source| Error::Tls {
+                        server: self.label.clone(),
+                        source,
+                    })?;
+                self.handshake(tls).await
+            }
+        }
+    }
+
+    async fn handshake<I>(&self, io: I) -> Result<SendRequest<RequestBody>, Error>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|source| Error::Exchange {
                 server: self.label.clone(),
@@ -127,19 +173,57 @@ impl Endpoint {
     }
 }
 
+/// An upstream whose TLS settings cannot be used (a CA bundle or client certificate).
+#[derive(Debug, thiserror::Error)]
+#[error("upstream {upstream:?}: TLS")]
+pub struct SetupError {
+    upstream: String,
+    #[source]
+    source: tls::Error,
+}
+
 impl UpstreamGroup {
-    pub fn new(config: &config::Upstream) -> UpstreamGroup {
+    pub fn new(config: &config::Upstream) -> Result<UpstreamGroup, SetupError> {
         let weights: Vec<u32> = config.servers.iter().map(|s| s.weight).collect();
-        UpstreamGroup {
+        let connector = if config.servers.iter().any(|s| s.tls) {
+            if config.tls.insecure_skip_verify {
+                tracing::warn!(
+                    upstream = %config.name,
+                    "TLS certificate verification is off for this upstream (insecure_skip_verify)"
+                );
+            }
+            let client = tls::upstream_client_config(&config.tls).map_err(|source| SetupError {
+                upstream: config.name.clone(),
+                source,
+            })?;
+            Some(TlsConnector::from(client))
+        } else {
+            None
+        };
+        Ok(UpstreamGroup {
             name: config.name.clone(),
             balance: config.balance,
             endpoints: config
                 .servers
                 .iter()
                 .map(|server| {
+                    let tls = connector
+                        .as_ref()
+                        .filter(|_| server.tls)
+                        .and_then(|connector| {
+                            Some(Tls {
+                                connector: connector.clone(),
+                                name: ServerName::try_from(server.host()).ok()?,
+                            })
+                        });
                     Arc::new(Endpoint {
-                        label: server.address.to_string(),
+                        label: if server.tls {
+                            format!("https://{}", server.address)
+                        } else {
+                            server.address.to_string()
+                        },
                         address: server.address.clone(),
+                        tls,
                         active: AtomicUsize::new(0),
                         tunnels: AtomicUsize::new(0),
                         pool: Pool::default(),
@@ -149,7 +233,7 @@ impl UpstreamGroup {
             sequence: balance::smooth_weighted_sequence(&weights),
             weights,
             next: AtomicUsize::new(0),
-        }
+        })
     }
 
     pub fn endpoints(&self) -> &[Arc<Endpoint>] {

@@ -631,3 +631,70 @@ async fn client_certificates_are_verified_and_their_identity_forwarded() {
         }
     }
 }
+
+/// `https://` and `wss://` upstream servers: verified against the configured CA with the
+/// server's name as SNI, refused (502) when they do not verify, reachable with
+/// insecure_skip_verify, and given a client certificate when they ask for one.
+#[tokio::test]
+async fn https_upstreams_are_verified_and_carry_requests_and_websockets() {
+    use crate::support::tls::tls_front;
+    use crate::support::ws_connect;
+
+    let mut backend = HttpBackend::start("a").await;
+    let ws_backend = WsBackend::start("w").await;
+    let site = site();
+    let upstream_cert = site.pki.issue("upstream", &["localhost"]);
+    let https = tls_front(&upstream_cert, backend.addr, None).await;
+    let wss = tls_front(&upstream_cert, ws_backend.addr, None).await;
+    let stranger_pki = Pki::new();
+    let stranger_cert = stranger_pki.issue("stranger", &["localhost"]);
+    let stranger = tls_front(&stranger_cert, backend.addr, None).await;
+    let client_cert = site.pki.issue("proxy-client", &["proxy.test"]);
+    let picky = tls_front(&upstream_cert, backend.addr, Some(site.pki.ca_der())).await;
+    let ca = site.pki.ca_file();
+    let config = format!(
+        "[[route]]\nname = \"app\"\nupstream = \"app\"\n\n\
+         [[route]]\nname = \"ws\"\npath = \"/ws\"\nupstream = \"ws\"\n\n\
+         [[route]]\nname = \"stranger\"\npath = \"/stranger\"\nupstream = \"stranger\"\n\n\
+         [[route]]\nname = \"trusting\"\npath = \"/trusting\"\nupstream = \"trusting\"\n\n\
+         [[route]]\nname = \"picky\"\npath = \"/picky\"\nupstream = \"picky\"\n\n\
+         [[upstream]]\nname = \"app\"\nservers = [\"https://localhost:{}\"]\ntls = {{ ca = {ca:?} }}\n\n\
+         [[upstream]]\nname = \"ws\"\nservers = [\"wss://localhost:{}\"]\ntls = {{ ca = {ca:?} }}\n\n\
+         [[upstream]]\nname = \"stranger\"\nservers = [\"https://localhost:{}\"]\ntls = {{ ca = {ca:?} }}\n\n\
+         [[upstream]]\nname = \"trusting\"\nservers = [\"https://localhost:{}\"]\ntls = {{ insecure_skip_verify = true }}\n\n\
+         [[upstream]]\nname = \"picky\"\nservers = [\"https://localhost:{}\"]\n\
+         tls = {{ ca = {ca:?}, client_cert = {:?}, client_key = {:?} }}\n",
+        https.port(),
+        wss.port(),
+        stranger.port(),
+        stranger.port(),
+        picky.port(),
+        client_cert.cert,
+        client_cert.key,
+    );
+    let gw = TestGateway::start(&config).await;
+
+    let reply = crate::support::get(gw.addr, "app.test", "/hello").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let seen = backend.next_request().await;
+    assert_eq!(seen.uri, "/hello");
+    assert_eq!(seen.header("host"), Some("app.test"));
+
+    let (mut ws, _) = ws_connect(gw.addr, "/ws").await;
+    within(WAIT, ws.send(Message::Text("over wss upstream".into())))
+        .await
+        .unwrap();
+    let echo = within(WAIT, ws.next()).await.expect("an echo").unwrap();
+    assert_eq!(echo, Message::Text("over wss upstream".into()));
+
+    let reply = crate::support::get(gw.addr, "app.test", "/stranger").await;
+    assert_eq!(reply.status, 502, "an unverifiable upstream is refused");
+
+    let reply = crate::support::get(gw.addr, "app.test", "/trusting").await;
+    assert_eq!(reply.status, 200, "insecure_skip_verify reaches it");
+    assert_eq!(backend.next_request().await.uri, "/trusting");
+
+    let reply = crate::support::get(gw.addr, "app.test", "/picky").await;
+    assert_eq!(reply.status, 200, "the client certificate is presented");
+    assert_eq!(backend.next_request().await.uri, "/picky");
+}

@@ -116,6 +116,10 @@ impl Pki {
         Arc::new(config)
     }
 
+    pub fn ca_der(&self) -> CertificateDer<'static> {
+        self.ca.der().clone()
+    }
+
     /// The CA certificate as a PEM file (a client CA bundle).
     pub fn ca_file(&self) -> PathBuf {
         let path = self.dir.join("ca.pem");
@@ -149,4 +153,61 @@ pub fn served_certificate(stream: &TlsStream<TcpStream>) -> CertificateDer<'stat
         .peer_certificates()
         .expect("server certificate")[0]
         .clone()
+}
+
+/// A TLS front on 127.0.0.1:0 for a plain backend at `to`: it terminates TLS with `issued`
+/// (asking for a client certificate from `client_ca` when given) and relays the bytes.
+pub async fn tls_front(
+    issued: &Issued,
+    to: SocketAddr,
+    client_ca: Option<CertificateDer<'static>>,
+) -> SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions");
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca).expect("CA");
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .expect("client verifier");
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder
+        .with_single_cert(
+            vec![issued.der.clone()],
+            rustls::pki_types::PrivateKeyDer::from_pem_file(&issued.key).expect("key"),
+        )
+        .expect("server certificate");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = within(WAIT, tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .await
+        .expect("front binds");
+    let addr = listener.local_addr().expect("front address");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let Ok(mut backend) = TcpStream::connect(to).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut backend).await;
+            });
+        }
+    });
+    addr
 }
