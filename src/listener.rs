@@ -26,8 +26,6 @@ use crate::tls;
 /// After an accept error that is not one connection's fault (EMFILE, ENOBUFS), wait before
 /// the next accept, doubling up to this, so the loop neither spins nor gives up.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
-/// nginx's http2_max_concurrent_streams.
-const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
 /// What a client sends first when it speaks HTTP/2 without TLS (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -60,7 +58,9 @@ impl Protocols {
             // SETTINGS_ENABLE_CONNECT_PROTOCOL: WebSockets over HTTP/2 (RFC 8441).
             h2.timer(TokioTimer::new())
                 .enable_connect_protocol()
-                .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+                .max_concurrent_streams(limits.h2_max_concurrent_streams)
+                .initial_stream_window_size(limits.h2_stream_window)
+                .initial_connection_window_size(limits.h2_connection_window)
                 .max_header_list_size(limits.request_header_bytes as u32);
             h2
         });

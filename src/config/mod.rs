@@ -69,14 +69,25 @@ impl Default for Timeouts {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Largest request head (request line + headers) accepted; larger gets 431.
+    /// Largest request head (request line + headers) accepted; larger gets 431. Also the
+    /// HTTP/2 header list limit.
     pub request_header_bytes: usize,
+    /// Streams one HTTP/2 client may have open at once (nginx: 128).
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 receive window per stream and per connection, in bytes.
+    pub h2_stream_window: u32,
+    pub h2_connection_window: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             request_header_bytes: 32 * 1024,
+            h2_max_concurrent_streams: 128,
+            // Envoy's edge guidance is a 1 MiB connection window; a stream gets as much, so
+            // that one WebSocket over HTTP/2 is not held to nginx's 64 KiB per round trip.
+            h2_stream_window: 1024 * 1024,
+            h2_connection_window: 4 * 1024 * 1024,
         }
     }
 }

@@ -47,6 +47,9 @@ pub struct Timeouts {
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     pub request_header_bytes: Option<Spanned<i64>>,
+    pub h2_max_concurrent_streams: Option<Spanned<i64>>,
+    pub h2_stream_window: Option<Spanned<i64>>,
+    pub h2_connection_window: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -160,6 +160,26 @@ impl Validator<'_> {
 
     fn limits(&mut self, raw: raw::Limits) -> Limits {
         let mut limits = Limits::default();
+        // RFC 9113 §6.9.1: windows are between 65,535 and 2^31-1.
+        let window = 65_535..=i64::from(i32::MAX);
+        limits.h2_max_concurrent_streams = self.bounded(
+            raw.h2_max_concurrent_streams,
+            1..=10_000,
+            "h2_max_concurrent_streams",
+            limits.h2_max_concurrent_streams,
+        );
+        limits.h2_stream_window = self.bounded(
+            raw.h2_stream_window,
+            window.clone(),
+            "h2_stream_window",
+            limits.h2_stream_window,
+        );
+        limits.h2_connection_window = self.bounded(
+            raw.h2_connection_window,
+            window,
+            "h2_connection_window",
+            limits.h2_connection_window,
+        );
         if let Some(bytes) = raw.request_header_bytes {
             if (MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(bytes.get_ref()) {
                 limits.request_header_bytes = *bytes.get_ref() as usize;
@@ -171,6 +191,30 @@ impl Validator<'_> {
             }
         }
         limits
+    }
+
+    fn bounded(
+        &mut self,
+        raw: Option<Spanned<i64>>,
+        range: std::ops::RangeInclusive<i64>,
+        what: &str,
+        default: u32,
+    ) -> u32 {
+        match raw {
+            None => default,
+            Some(value) if range.contains(value.get_ref()) => *value.get_ref() as u32,
+            Some(value) => {
+                self.error(
+                    value.span(),
+                    format!(
+                        "{what} must be between {} and {}",
+                        range.start(),
+                        range.end()
+                    ),
+                );
+                default
+            }
+        }
     }
 
     fn listeners(&mut self, raw: Vec<raw::Listener>) -> Vec<Listener> {
@@ -898,6 +942,22 @@ mod tests {
         assert_eq!(
             errors(text),
             ["t.toml:6:15: client certificates need client_ca = \"ca.pem\""]
+        );
+    }
+
+    #[test]
+    fn h2_limits_are_bounded() {
+        let text = format!("{LISTENER}[limits]\nh2_max_concurrent_streams = 0\nh2_stream_window = 1024\nh2_connection_window = 8388608\n");
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs[0]
+                .starts_with("t.toml:5:29: h2_max_concurrent_streams must be between 1 and 10000"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("t.toml:6:20: h2_stream_window must be between 65535"),
+            "{errs:?}"
         );
     }
 

@@ -215,7 +215,15 @@ async fn missing_files_and_mismatched_keys_fail_at_start_naming_the_files() {
         key: site.wildcard.key.clone(),
         der: site.exact.der.clone(),
     };
+    let expired = site.pki.issue_expired("expired", &["a.test"]);
     for (case, expected) in [
+        (
+            &expired,
+            format!(
+                "the certificate in {} expired (not after 2020-01-01 00:00:00 UTC)",
+                expired.cert.display()
+            ),
+        ),
         (
             &missing,
             format!("cannot read certificates from {}", missing.cert.display()),
@@ -464,6 +472,18 @@ async fn certificates_reload_when_their_files_change_without_dropping_a_tunnel()
         .unwrap();
     assert_eq!(served_certificate(&stream), renewed.der);
 
+    // An expired renewal is refused the same way.
+    let failures_before = gw.reloader.failures();
+    let expired = site.pki.issue_expired("expired", &["a.test"]);
+    std::fs::copy(&expired.key, &renewed.key).unwrap();
+    std::fs::copy(&expired.cert, &renewed.cert).unwrap();
+    gw.reloader.reload();
+    assert!(gw.reloader.failures() > failures_before);
+    let stream = tls_connect(gw.addr, "a.test", client.clone())
+        .await
+        .unwrap();
+    assert_eq!(served_certificate(&stream), renewed.der);
+
     // SIGHUP's path: an explicit reload once the files are whole again.
     let again = site.pki.reissue(&site.exact, &["a.test"]);
     gw.reloader.reload();
@@ -697,4 +717,40 @@ async fn https_upstreams_are_verified_and_carry_requests_and_websockets() {
     let reply = crate::support::get(gw.addr, "app.test", "/picky").await;
     assert_eq!(reply.status, 200, "the client certificate is presented");
     assert_eq!(backend.next_request().await.uri, "/picky");
+}
+
+#[tokio::test]
+async fn min_version_refuses_older_clients() {
+    let site = site();
+    let tls12_only = |pki: &Pki| {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca_der()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS12])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    };
+    let default = TestGateway::start(&tls_config(&[&site.exact], "", "")).await;
+    let stream = tls_connect(default.addr, "a.test", tls12_only(&site.pki))
+        .await
+        .expect("TLS 1.2 is accepted by default");
+    assert_eq!(
+        stream.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    let strict = TestGateway::start(&tls_config(&[&site.exact], "min_version = \"1.3\"", "")).await;
+    assert!(tls_connect(strict.addr, "a.test", tls12_only(&site.pki))
+        .await
+        .is_err());
+    let stream = tls_connect(strict.addr, "a.test", site.pki.client_config(&[]))
+        .await
+        .unwrap();
+    assert_eq!(
+        stream.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
 }

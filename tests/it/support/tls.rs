@@ -46,9 +46,27 @@ impl Pki {
     /// A leaf for `names` (DNS names or IP literals), signed by the CA, as `stem.pem` and
     /// `stem.key` in the PKI folder.
     pub fn issue(&self, stem: &str, names: &[&str]) -> Issued {
+        self.issue_with(stem, names, |_| {})
+    }
+
+    /// A leaf that expired on 2020-01-01.
+    pub fn issue_expired(&self, stem: &str, names: &[&str]) -> Issued {
+        self.issue_with(stem, names, |params| {
+            params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        })
+    }
+
+    fn issue_with(
+        &self,
+        stem: &str,
+        names: &[&str],
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> Issued {
         let key = KeyPair::generate().expect("leaf key");
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let mut params = CertificateParams::new(names).expect("leaf params");
+        adjust(&mut params);
         params.distinguished_name.push(DnType::CommonName, stem);
         let cert = params
             .signed_by(&key, &self.ca, &self.ca_key)
