@@ -3,15 +3,19 @@
 //! hyper (HTTP/1.1, or HTTP/2 by ALPN or h2c preface) until done or drained.
 
 use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
+use hyper::rt::bounds::Http2ServerConnExec;
 use hyper::rt::{Read, Write};
 use hyper::server::conn::{http1, http2};
-use hyper::service::service_fn;
+use hyper::service::{service_fn, HttpService};
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -251,35 +255,59 @@ async fn serve_http<I>(
         async move { Ok::<_, Infallible>(connection.proxy.handle(request, &connection.info).await) }
     });
     let result = match protocols.http2.as_ref().filter(|_| h2) {
-        Some(http2) => {
-            let serving = http2.serve_connection(io, service);
-            tokio::pin!(serving);
-            tokio::select! {
-                result = serving.as_mut() => result,
-                () = drain.fired() => {
-                    // GOAWAY: streams in flight finish, no new ones start.
-                    serving.as_mut().graceful_shutdown();
-                    serving.await
-                }
-            }
-        }
+        // On drain: GOAWAY, streams in flight finish, no new ones start.
+        Some(http2) => until_drained(http2.serve_connection(io, service), &mut drain).await,
+        // On drain: the request in flight finishes, then the connection closes.
         None => {
-            let serving = protocols
-                .http1
-                .serve_connection(io, service)
-                .with_upgrades();
-            tokio::pin!(serving);
-            tokio::select! {
-                result = serving.as_mut() => result,
-                () = drain.fired() => {
-                    // Finish the request in flight, then close; idle connections close at once.
-                    serving.as_mut().graceful_shutdown();
-                    serving.await
-                }
-            }
+            let serving = protocols.http1.serve_connection(io, service);
+            until_drained(serving.with_upgrades(), &mut drain).await
         }
     };
     if let Err(err) = result {
         tracing::debug!(%peer, error = %err, "client connection ended with an error");
+    }
+}
+
+/// hyper's HTTP/1 and HTTP/2 server connections can both finish what is in flight and close.
+trait GracefulShutdown: Future {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, B, S> GracefulShutdown for http1::UpgradeableConnection<I, S>
+where
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    I: Read + Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<I, B, S, E> GracefulShutdown for http2::Connection<I, S, E>
+where
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    I: Read + Write + Unpin,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    E: Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http2::Connection::graceful_shutdown(self);
+    }
+}
+
+/// Serves the connection to its end; once `drain` fires, it finishes what is in flight.
+async fn until_drained<C: GracefulShutdown>(connection: C, drain: &mut Signal) -> C::Output {
+    tokio::pin!(connection);
+    tokio::select! {
+        output = connection.as_mut() => output,
+        () = drain.fired() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
     }
 }
