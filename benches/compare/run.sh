@@ -49,6 +49,12 @@ bulk          tcp       loadgen mb_per_s          hi     MB/s      -      --mode
 handshake     tcp       loadgen ops_per_s         hi     hs/s      -      --mode handshake --conns 10
 idle          tcp       idle    rss_kib_per_conn  lo     KiB/conn  -      --mode idle --conns @IDLE_CONNS@ --size 64
 idle_used     tcp       idle    rss_kib_per_conn  lo     KiB/conn  -      --mode idle_used --conns @IDLE_CONNS@ --size 65536
+https         tls       wrk     ops_per_s         hi     req/s     -      50 /
+wss_echo      tls       loadgen ops_per_s         hi     msg/s     -      --mode echo --conns 100 --size 64
+wss_bulk      tls       loadgen mb_per_s          hi     MB/s      -      --mode bulk --conns 8 --size 16384 --inflight 262144
+wss_handshake tls       loadgen ops_per_s         hi     hs/s      -      --mode handshake --conns 10
+wss_idle      tls       idle    rss_kib_per_conn  lo     KiB/conn  -      --mode idle --conns @IDLE_CONNS@ --size 64
+h2_ws_echo    tls       loadgen ops_per_s         hi     msg/s     nginx  --mode h2_echo --conns 100 --size 64
 '
 
 die() { echo "run.sh: $*" >&2; exit 1; }
