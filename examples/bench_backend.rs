@@ -9,10 +9,17 @@
 //!   backend closes the TCP connection first, as RFC 6455 section 7.1.1 asks of servers, so that
 //!   TIME_WAIT stays on the server side and the handshake loop does not run out of client ports.
 //!
+//! - With `--tls-listen` (and `--cert`, `--key`) it also terminates TLS itself, with ALPN `h2` and
+//!   `http/1.1`: the `direct` target of the TLS rows talks to it there, so that the client does
+//!   the same TLS work with or without a proxy. Over HTTP/2 it accepts WebSockets as RFC 8441
+//!   extended CONNECT streams. Over TLS every upgraded stream is echoed through a buffer of its
+//!   own (the one-buffer trick needs a raw socket); only the `direct` rows use this.
+//!
 //! One thread (a current-thread runtime); `run.sh` pins it to CPU 0 beside the load generator.
 //!
 //! ```text
 //! cargo run --release --example bench_backend -- --listen 127.0.0.1:19000
+//! cargo run --release --example bench_backend -- --tls-listen 127.0.0.1:19003 --cert c.pem --key k.pem
 //! ```
 
 use std::cell::RefCell;
@@ -20,29 +27,45 @@ use std::convert::Infallible;
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::ext::Protocol;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 /// Minimal HTTP + WebSocket echo backend for benches/compare.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Address to listen on.
+    /// Address to listen on (plain HTTP/1.1).
     #[arg(long, default_value = "127.0.0.1:19000")]
     listen: SocketAddr,
+    /// Also listen here with TLS (ALPN h2 and http/1.1); needs --cert and --key.
+    #[arg(long, requires_all = ["cert", "key"])]
+    tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for --tls-listen.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// PEM private key for --tls-listen.
+    #[arg(long)]
+    key: Option<PathBuf>,
 }
 
 const SMALL_BODY: &[u8] = b"hello\n";
@@ -57,16 +80,53 @@ thread_local! {
 
 fn main() -> io::Result<()> {
     let args = Args::parse();
+    let tls = match (args.tls_listen, &args.cert, &args.key) {
+        (Some(addr), Some(cert), Some(key)) => Some((addr, tls_acceptor(cert, key)?)),
+        _ => None,
+    };
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(serve(args.listen))
+        .block_on(async move {
+            let big = Bytes::from(vec![b'x'; BIG_BODY_LEN]);
+            let plain = TcpListener::bind(args.listen).await?;
+            eprintln!("bench_backend listening on http://{}", args.listen);
+            let Some((addr, acceptor)) = tls else {
+                return serve(plain, None, big).await;
+            };
+            let secure = TcpListener::bind(addr).await?;
+            eprintln!("bench_backend listening on https://{addr}");
+            tokio::try_join!(
+                serve(plain, None, big.clone()),
+                serve(secure, Some(acceptor), big)
+            )?;
+            Ok(())
+        })
 }
 
-async fn serve(addr: SocketAddr) -> io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
-    eprintln!("bench_backend listening on http://{addr}");
-    let big = Bytes::from(vec![b'x'; BIG_BODY_LEN]);
+/// rustls (ring) with the one certificate, ALPN h2 and http/1.1: what the proxies offer too.
+fn tls_acceptor(cert: &Path, key: &Path) -> io::Result<TlsAcceptor> {
+    let pem_error = |path: &Path| {
+        let path = path.display().to_string();
+        move |err| io::Error::other(format!("{path}: {err}"))
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(pem_error(cert))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_error(cert))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(pem_error(key))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(io::Error::other)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, big: Bytes) -> io::Result<()> {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -79,12 +139,30 @@ async fn serve(addr: SocketAddr) -> io::Result<()> {
         };
         let _ = stream.set_nodelay(true);
         let big = big.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| respond(req, big.clone()));
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
+            let Some(acceptor) = tls else {
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+                return;
+            };
+            let Ok(stream) = acceptor.accept(stream).await else {
+                return;
+            };
+            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                let _ = http2::Builder::new(TokioExecutor::new())
+                    .enable_connect_protocol()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            } else {
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            }
         });
     }
 }
@@ -93,6 +171,19 @@ async fn respond(
     mut req: Request<Incoming>,
     big: Bytes,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    // A WebSocket over HTTP/2 (RFC 8441): extended CONNECT, answered 200, then the stream echoes.
+    if req.method() == Method::CONNECT {
+        if req.extensions().get::<Protocol>().map(Protocol::as_str) != Some("websocket") {
+            return Ok(status(StatusCode::NOT_IMPLEMENTED));
+        }
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on_upgrade.await {
+                let _ = echo_stream(TokioIo::new(upgraded)).await;
+            }
+        });
+        return Ok(status(StatusCode::OK));
+    }
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
         let body = if req.uri().path() == "/big" {
             big
@@ -135,12 +226,8 @@ fn status(code: StatusCode) -> Response<Full<Bytes>> {
 async fn echo(upgraded: Upgraded) -> io::Result<()> {
     let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => parts,
-        // Not a plain TCP socket (never the case here): a generic copy still echoes.
-        Err(upgraded) => {
-            let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
-            tokio::io::copy(&mut rd, &mut wr).await?;
-            return wr.shutdown().await;
-        }
+        // Not a plain TCP socket: TLS (the direct target of the TLS rows).
+        Err(upgraded) => return echo_stream(TokioIo::new(upgraded)).await,
     };
     let mut stream = parts.io.into_inner();
     // Bytes the client sent right behind its request head were read by hyper already.
@@ -182,6 +269,25 @@ async fn echo(upgraded: Upgraded) -> io::Result<()> {
         })
         .await?;
         if read == 0 {
+            return stream.shutdown().await;
+        }
+    }
+}
+
+/// Echoes any byte stream (TLS, an HTTP/2 stream) through a buffer of its own, until the client
+/// closes or a close frame has gone back; then closes (TLS close_notify, or END_STREAM) first.
+async fn echo_stream(mut stream: impl AsyncRead + AsyncWrite + Unpin) -> io::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut watch = CloseWatch::default();
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return stream.shutdown().await;
+        }
+        let closed = watch.feed(&buf[..n]);
+        stream.write_all(&buf[..n]).await?;
+        stream.flush().await?;
+        if closed {
             return stream.shutdown().await;
         }
     }

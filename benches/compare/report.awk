@@ -56,6 +56,7 @@ BEGIN {
     present[s, t] = 1
     figure[s] = str("figure"); better[s] = str("better"); unit[s] = str("unit")
     if (run == "") run = str("run")
+    if ($0 ~ /"unsupported":true/) { na[s, t] = 1; next }
     if ($0 ~ /"proxy_survived":false/) died[s, t]++
     if ($0 ~ /"failed":true/) { failed[s, t]++; next }
     if ((e = num("errors")) != "") errors[s, t] += e
@@ -65,6 +66,8 @@ BEGIN {
     if ((v = num("conns_open")) != "" && (!((s, t) in conns) || v < conns[s, t])) conns[s, t] = v
     if ((v = num("late_sends")) != "") late[s, t] += v
     if ((v = num("closed_while_held")) != "") closed[s, t] += v
+    if ((v = num("tls_eof_without_close_notify")) != "") noclose[s, t] += v
+    if (str("transport") == "tls") tls[s] = 1
     runs[s, t]++
 }
 
@@ -91,6 +94,10 @@ END {
         for (ti = 1; ti <= nt; ti++) {
             t = torder[ti]
             if (!((s, t) in present)) continue
+            if ((s, t) in na && !runs[s, t]) {
+                printf "| %s | %s | n/a | %s | – | – | – | – | – | – | – | this target cannot do it |\n", s, t, unit[s]
+                continue
+            }
             m = nv[s, t] ? med[s, t] : ""
             d = nv[s, "direct"] ? med[s, "direct"] : ""
             if (m == "" || d == "" || t == "direct") vs = "–"
@@ -103,6 +110,7 @@ END {
             if ((s, t) in conns) notes = notes sprintf("%d conns; ", conns[s, t])
             if (closed[s, t]) notes = notes sprintf("%d closed while idle; ", closed[s, t])
             if (late[s, t]) notes = notes sprintf("%d late sends; ", late[s, t])
+            if (noclose[s, t]) notes = notes sprintf("%d TLS closes without close_notify; ", noclose[s, t])
             sub(/; $/, "", notes)
             printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", s, t, fmt(m), unit[s], \
                 nv[s, t] ? spread[s, t] : "–", np[s, t] ? fmt(medp[s, t]) : "–", \
@@ -118,4 +126,10 @@ END {
     print "CPU per operation); above 1 is better for req/s, msg/s, MB/s and hs/s, below 1 is better for µs,"
     print "KiB/conn and CPU. Proxy CPU is utime + stime from /proc/PID/stat over the window, per request,"
     print "message or handshake."
+    for (si = 1; si <= ns; si++) if (sorder[si] in tls) has_tls = 1
+    if (has_tls) {
+        print "TLS rows (https, wss_*, h2_ws_echo): the proxies terminate TLS and talk plain HTTP/1.1 to the"
+        print "backend; direct is the backend terminating TLS itself, so the client's work is the same in"
+        print "both and a proxy can pass 100% of direct by taking the backend's TLS work off CPU 0."
+    }
 }

@@ -12,16 +12,19 @@
 #   OUT=dir          output folder (default: benches/compare/out/<timestamp>)
 #
 # Writes into the output folder: table.md (also printed), results.jsonl (one JSON line per
-# measurement), machine.txt (machine, versions, settings), conf/ (the rendered configs) and
-# logs/. README.md next to this file says what each scenario measures and how.
+# measurement), machine.txt (machine, versions, settings), certs/ (this run's TLS certificate),
+# conf/ (the rendered configs) and logs/. README.md next to this file says what each scenario
+# measures and how.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 
 # --- Settings, defined once -------------------------------------------------------------------
-BACKEND_PORT=19000   # bench_backend; the `direct` target talks to it
-PROXY_PORT=19001     # the proxy under test (one at a time)
+BACKEND_PORT=19000       # bench_backend, plain; the proxies' upstream, and `direct` for tcp rows
+PROXY_PORT=19001         # the proxy under test (one at a time), plain
+PROXY_TLS_PORT=19002     # the same proxy's TLS listener (tls rows)
+BACKEND_TLS_PORT=19003   # bench_backend terminating TLS itself: `direct` for tls rows
 LOAD_CPU=0           # backend + load generator (loadgen or wrk)
 PROXY_CPU=1          # the proxy, alone
 DURATION=${DURATION:-10}
@@ -30,20 +33,28 @@ WARMUP=${WARMUP:-1}
 ALL_TARGETS=(direct wsgate nginx haproxy)   # report.awk compares each with the better of nginx and haproxy
 
 # --- Scenarios: one row each --------------------------------------------------------------------
-# name: row name. transport: tcp (tls joins with TLS termination; README.md says how). driver: wrk
-# (plain HTTP), loadgen (a measured window), idle (open, hold, read the proxy's RSS, release).
-# figure: the JSON key that is the row's result; better: hi or lo. Arguments go to the driver
-# (wrk: connections and path; the others: loadgen flags, @IDLE_CONNS@ substituted).
+# name: row name. transport: tcp (plain) or tls (the proxy terminates TLS and talks plain HTTP/1.1
+# to the backend; `direct` is the backend terminating TLS itself). driver: wrk (HTTP),
+# loadgen (a measured window), idle (open, hold, read the proxy's RSS, release). figure: the
+# JSON key that is the row's result; better: hi or lo. n/a: targets that cannot do the row
+# (comma-separated, or -); the table shows them as n/a. Arguments go to the driver (wrk:
+# connections and path; the others: loadgen flags, @IDLE_CONNS@ substituted).
 SCENARIO_TABLE='
-# name      transport driver  figure            better unit      arguments
-http        tcp       wrk     ops_per_s         hi     req/s     50 /
-http_big    tcp       wrk     ops_per_s         hi     req/s     8 /big
-echo        tcp       loadgen ops_per_s         hi     msg/s     --mode echo --conns 100 --size 64
-echo_rate   tcp       loadgen p99_us            lo     µs(p99)   --mode echo_rate --conns 100 --size 64 --rate 20000
-bulk        tcp       loadgen mb_per_s          hi     MB/s      --mode bulk --conns 8 --size 16384 --inflight 262144
-handshake   tcp       loadgen ops_per_s         hi     hs/s      --mode handshake --conns 10
-idle        tcp       idle    rss_kib_per_conn  lo     KiB/conn  --mode idle --conns @IDLE_CONNS@ --size 64
-idle_used   tcp       idle    rss_kib_per_conn  lo     KiB/conn  --mode idle_used --conns @IDLE_CONNS@ --size 65536
+# name        transport driver  figure            better unit      n/a    arguments
+http          tcp       wrk     ops_per_s         hi     req/s     -      50 /
+http_big      tcp       wrk     ops_per_s         hi     req/s     -      8 /big
+echo          tcp       loadgen ops_per_s         hi     msg/s     -      --mode echo --conns 100 --size 64
+echo_rate     tcp       loadgen p99_us            lo     µs(p99)   -      --mode echo_rate --conns 100 --size 64 --rate 20000
+bulk          tcp       loadgen mb_per_s          hi     MB/s      -      --mode bulk --conns 8 --size 16384 --inflight 262144
+handshake     tcp       loadgen ops_per_s         hi     hs/s      -      --mode handshake --conns 10
+idle          tcp       idle    rss_kib_per_conn  lo     KiB/conn  -      --mode idle --conns @IDLE_CONNS@ --size 64
+idle_used     tcp       idle    rss_kib_per_conn  lo     KiB/conn  -      --mode idle_used --conns @IDLE_CONNS@ --size 65536
+https         tls       wrk     ops_per_s         hi     req/s     -      50 /
+wss_echo      tls       loadgen ops_per_s         hi     msg/s     -      --mode echo --conns 100 --size 64
+wss_bulk      tls       loadgen mb_per_s          hi     MB/s      -      --mode bulk --conns 8 --size 16384 --inflight 262144
+wss_handshake tls       loadgen ops_per_s         hi     hs/s      -      --mode handshake --conns 10
+wss_idle      tls       idle    rss_kib_per_conn  lo     KiB/conn  -      --mode idle --conns @IDLE_CONNS@ --size 64
+h2_ws_echo    tls       loadgen ops_per_s         hi     msg/s     nginx  --mode h2_echo --conns 100 --size 64
 '
 
 die() { echo "run.sh: $*" >&2; exit 1; }
@@ -69,7 +80,7 @@ if [[ -n ${SCENARIOS:-} ]]; then
 fi
 for row in "${ROWS[@]}"; do
     read -r name transport _ <<<"$row"
-    [[ $transport == tcp ]] || die "scenario $name: transport '$transport' is not supported yet"
+    [[ $transport == tcp || $transport == tls ]] || die "scenario $name: unknown transport '$transport'"
 done
 uses_driver() { printf '%s\n' "${ROWS[@]}" | awk -v d="$1" '$3 == d { f = 1 } END { exit !f }'; }
 has_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]]; }
@@ -90,6 +101,7 @@ missing=()
 has_target nginx && ! command -v nginx >/dev/null && missing+=(nginx)
 has_target haproxy && ! command -v haproxy >/dev/null && missing+=(haproxy)
 uses_driver wrk && ! command -v wrk >/dev/null && missing+=(wrk)
+! command -v openssl >/dev/null && missing+=(openssl)   # makes the run's TLS certificate
 if ((${#missing[@]})); then
     ((EUID == 0)) || die "missing ${missing[*]}: install them (apt-get install ${missing[*]}) or run as root"
     say "installing ${missing[*]}"
@@ -108,9 +120,30 @@ LOADGEN=$TARGET_DIR/release/examples/loadgen
 
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 OUT=${OUT:-$HERE/out/$STAMP}
-mkdir -p "$OUT/conf" "$OUT/logs" "$OUT/run"
+mkdir -p "$OUT/conf" "$OUT/logs" "$OUT/run" "$OUT/certs"
 RESULTS=$OUT/results.jsonl
 : >"$RESULTS"
+
+# --- The run's certificate: one ECDSA P-256 leaf for all three proxies and the direct backend --
+# A throwaway CA signs a leaf for localhost and 127.0.0.1; the loadgen trusts only that CA (wrk
+# verifies nothing). The proxies serve the leaf alone, as they would a leaf issued by a root.
+CERTS=$OUT/certs
+CERT=$CERTS/cert.pem        # the leaf
+KEY=$CERTS/key.pem          # its key (PKCS#8)
+CERT_KEY=$CERTS/cert+key.pem   # both in one file, for HAProxy's `crt`
+make_certs() {
+    local d=$CERTS
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$d/ca.key"
+    openssl req -x509 -new -key "$d/ca.key" -subj "/CN=wsgate bench CA $STAMP" -days 2 -out "$d/ca.pem"
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$KEY"
+    openssl req -new -key "$KEY" -subj "/CN=localhost" -out "$d/leaf.csr"
+    printf '%s\n' "subjectAltName = DNS:localhost, IP:127.0.0.1" "basicConstraints = critical, CA:FALSE" \
+        "keyUsage = critical, digitalSignature" "extendedKeyUsage = serverAuth" >"$d/leaf.ext"
+    openssl x509 -req -in "$d/leaf.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -set_serial "0x$(openssl rand -hex 8)" \
+        -days 2 -extfile "$d/leaf.ext" -out "$CERT"
+    cat "$CERT" "$KEY" >"$CERT_KEY"
+}
+make_certs >"$CERTS/openssl.log" 2>&1 || { cat "$CERTS/openssl.log" >&2; die "could not make the TLS certificate"; }
 
 # --- Processes: started pinned, stopped by PID ---------------------------------------------------
 LIVE=()   # every PID we started and have not reaped yet
@@ -195,23 +228,25 @@ alive() { local p; for p in "$@"; do kill -0 "$p" 2>/dev/null || return 1; done;
 # render TEMPLATE OUTPUT RUN_DIR: fills in @NAME@ placeholders.
 render() {
     sed -e "s|@BACKEND_PORT@|$BACKEND_PORT|g" -e "s|@PROXY_PORT@|$PROXY_PORT|g" \
-        -e "s|@RUN_DIR@|$3|g" -e "s|@NOFILE@|$NOFILE|g" \
+        -e "s|@PROXY_TLS_PORT@|$PROXY_TLS_PORT|g" -e "s|@CERT@|$CERT|g" -e "s|@KEY@|$KEY|g" \
+        -e "s|@CERT_KEY@|$CERT_KEY|g" -e "s|@RUN_DIR@|$3|g" -e "s|@NOFILE@|$NOFILE|g" \
         -e "s|@WORKER_CONNECTIONS@|$((IDLE_CONNS * 5 / 2 + 256))|g" -e "s|@MAXCONN@|$((IDLE_CONNS + 50))|g" \
         "$HERE/$1" >"$2"
 }
 
-# start_target TARGET TAG: starts the proxy; sets FRONT_PORT, MAIN_PID (the one to stop, empty
-# for direct) and PROXY_PIDS (whose CPU and RSS are measured).
+# start_target TARGET TAG: starts the proxy (a plain and a TLS listener); sets MAIN_PID (the one
+# to stop, empty for direct) and PROXY_PIDS (whose CPU and RSS are measured).
 start_target() {
-    local target=$1 tag=$2 log=$OUT/logs/$2.$1.log run=$OUT/run/$2.$1
-    MAIN_PID='' PROXY_PIDS=() FRONT_PORT=$PROXY_PORT PROXY_LOG=$log
-    if port_open "$PROXY_PORT"; then
-        echo "run.sh: port $PROXY_PORT is already in use" >&2
-        return 1
-    fi
+    local target=$1 tag=$2 log=$OUT/logs/$2.$1.log run=$OUT/run/$2.$1 port
+    MAIN_PID='' PROXY_PIDS=() PROXY_LOG=$log
+    for port in "$PROXY_PORT" "$PROXY_TLS_PORT"; do
+        if port_open "$port"; then
+            echo "run.sh: port $port is already in use" >&2
+            return 1
+        fi
+    done
     case $target in
     direct)
-        FRONT_PORT=$BACKEND_PORT
         return 0
         ;;
     wsgate)
@@ -231,6 +266,7 @@ start_target() {
     esac
     MAIN_PID=$STARTED
     wait_port "$PROXY_PORT" "$MAIN_PID" "$log" || return 1
+    wait_port "$PROXY_TLS_PORT" "$MAIN_PID" "$log" || return 1
     PROXY_PIDS=("$MAIN_PID")
     if [[ $target == nginx ]]; then
         local worker
@@ -255,7 +291,7 @@ div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b ? a / b : 0 }'; }
 
 # wrk CONNS PATH
 drive_wrk() {
-    local conns=$1 path=$2 tag=$3 url=http://127.0.0.1:$FRONT_PORT$2 out=$OUT/logs/$3.wrk.txt
+    local conns=$1 path=$2 tag=$3 url=$FRONT_URL$2 out=$OUT/logs/$3.wrk.txt
     if ((WARMUP > 0)); then
         taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" -d"${WARMUP}s" "$url" >/dev/null </dev/null
     fi
@@ -294,7 +330,7 @@ drive_loadgen() {
     local pids
     pids=$(IFS=,; echo "${PROXY_PIDS[*]}")
     local json
-    json=$(taskset -c "$LOAD_CPU" "$LOADGEN" "$@" --addr "127.0.0.1:$FRONT_PORT" \
+    json=$(taskset -c "$LOAD_CPU" "$LOADGEN" "$@" "${TLS_ARGS[@]}" --addr "127.0.0.1:$FRONT_PORT" \
         --duration "$DURATION" --warmup "$WARMUP" --clk-tck "$CLK_TCK" \
         ${pids:+--cpu-pids "$pids"} --side-pids "$BACKEND_PID" \
         </dev/null 2>"$OUT/logs/$tag.loadgen.log") || return 1
@@ -308,7 +344,7 @@ drive_idle() {
     shift
     local ready=$OUT/run/$tag.ready json=$OUT/run/$tag.json i before after lg
     before=$(rss_kib "${PROXY_PIDS[@]}")
-    start "$OUT/logs/$tag.loadgen.log" "$LOAD_CPU" "$LOADGEN" "$@" --addr "127.0.0.1:$FRONT_PORT" \
+    start "$OUT/logs/$tag.loadgen.log" "$LOAD_CPU" "$LOADGEN" "$@" "${TLS_ARGS[@]}" --addr "127.0.0.1:$FRONT_PORT" \
         --ready-file "$ready" --hold-max 600
     lg=$STARTED
     # `start` sends stdout to the log; the JSON line is its last line.
@@ -339,18 +375,41 @@ drive_idle() {
 # --- One measurement --------------------------------------------------------------------------
 measure() {
     local row=$1 target=$2 rep=$3
-    local name transport driver figure better unit args
-    read -r name transport driver figure better unit args <<<"$row"
+    local name transport driver figure better unit na args
+    read -r name transport driver figure better unit na args <<<"$row"
     args=${args//@IDLE_CONNS@/$IDLE_CONNS}
     local tag=$name.$target.$rep
     local head="\"run\":\"$STAMP\",\"scenario\":\"$name\",\"target\":\"$target\",\"repeat\":$rep"
     head+=",\"transport\":\"$transport\",\"figure\":\"$figure\",\"better\":\"$better\",\"unit\":\"$unit\""
 
+    if [[ ",$na," == *",$target,"* ]]; then
+        # The target cannot do this row (nginx: WebSockets over HTTP/2): one line says so.
+        ((rep > 1)) || echo "{$head,\"unsupported\":true}" >>"$RESULTS"
+        return 0
+    fi
+    # Where the load goes: the proxy's plain or TLS listener, or the backend's for `direct`.
+    case $transport in
+    tcp)
+        FRONT_PORT=$PROXY_PORT
+        [[ $target != direct ]] || FRONT_PORT=$BACKEND_PORT
+        FRONT_URL=http://127.0.0.1:$FRONT_PORT
+        TLS_ARGS=()
+        ;;
+    tls)
+        FRONT_PORT=$PROXY_TLS_PORT
+        [[ $target != direct ]] || FRONT_PORT=$BACKEND_TLS_PORT
+        FRONT_URL=https://localhost:$FRONT_PORT   # wrk sends the URL's host as SNI
+        TLS_ARGS=(--tls --ca "$CERTS/ca.pem" --sni localhost)
+        ;;
+    esac
+
     say "$name · $target · $rep/$REPEAT"
     local fields='' ok=1 survived=true
-    start "$OUT/logs/$tag.backend.log" "$LOAD_CPU" "$BACKEND" --listen "127.0.0.1:$BACKEND_PORT"
+    start "$OUT/logs/$tag.backend.log" "$LOAD_CPU" "$BACKEND" --listen "127.0.0.1:$BACKEND_PORT" \
+        --tls-listen "127.0.0.1:$BACKEND_TLS_PORT" --cert "$CERT" --key "$KEY"
     BACKEND_PID=$STARTED
-    if ! wait_port "$BACKEND_PORT" "$BACKEND_PID" "$OUT/logs/$tag.backend.log"; then
+    if ! wait_port "$BACKEND_PORT" "$BACKEND_PID" "$OUT/logs/$tag.backend.log" ||
+        ! wait_port "$BACKEND_TLS_PORT" "$BACKEND_PID" "$OUT/logs/$tag.backend.log"; then
         ok=0
     elif ! start_target "$target" "$tag"; then
         ok=0
@@ -403,15 +462,19 @@ version() {
     echo "duration:    ${DURATION} s per window, warm-up ${WARMUP} s, repeats ${REPEAT}"
     echo "placement:   backend + load generator on CPU $LOAD_CPU, proxy alone on CPU $PROXY_CPU (taskset)"
     echo "workers:     wsgate workers = 1, nginx worker_processes 1, HAProxy nbthread 1; no access logs"
-    echo "ports:       backend 127.0.0.1:$BACKEND_PORT, proxy 127.0.0.1:$PROXY_PORT"
+    echo "ports:       backend 127.0.0.1:$BACKEND_PORT (TLS $BACKEND_TLS_PORT), proxy 127.0.0.1:$PROXY_PORT (TLS $PROXY_TLS_PORT)"
+    echo "openssl:     $(version openssl version)"
+    echo "certificate: $(openssl x509 -in "$CERT" -noout -subject -ext subjectAltName 2>/dev/null | tr -s '\n ' ' ')"
+    echo "             key $(openssl pkey -in "$KEY" -noout -text 2>/dev/null | awk '/ASN1 OID|NIST CURVE/ { printf "%s ", $NF }')(the proxies serve this leaf; its CA is in certs/ca.pem)"
+    echo "tls client:  loadgen: rustls (ring), TLS 1.3 as negotiated, SNI localhost, ALPN http/1.1 (h2 for h2_ws_echo), no session resumption; wrk: OpenSSL, no ALPN"
     echo "nofile:      RLIMIT_NOFILE $NOFILE (soft raised to hard); idle rows hold $IDLE_CONNS WebSockets"
     echo "clk_tck:     $CLK_TCK (CPU times from /proc/PID/stat)"
     echo "tcp_tw_reuse: $(cat /proc/sys/net/ipv4/tcp_tw_reuse)"
 } >"$OUT/machine.txt"
 
 # --- Run ---------------------------------------------------------------------------------------
-for port in "$BACKEND_PORT" "$PROXY_PORT"; do
-    ! port_open "$port" || die "port $port on 127.0.0.1 is in use; change BACKEND_PORT/PROXY_PORT at the top"
+for port in "$BACKEND_PORT" "$PROXY_PORT" "$BACKEND_TLS_PORT" "$PROXY_TLS_PORT"; do
+    ! port_open "$port" || die "port $port on 127.0.0.1 is in use; change the ports at the top"
 done
 say "output: $OUT"
 for row in "${ROWS[@]}"; do
