@@ -30,10 +30,6 @@ impl Signal {
     pub async fn fired(&mut self) {
         let _ = self.0.wait_for(|fired| *fired).await;
     }
-
-    pub fn is_fired(&self) -> bool {
-        *self.0.borrow()
-    }
 }
 
 /// Counts live guards; `idle()` completes when there are none.
@@ -108,17 +104,25 @@ mod tests {
 
     #[tokio::test]
     async fn signal_fires_for_every_clone_and_on_drop() {
-        let (trigger, signal) = channel();
-        let mut a = signal.clone();
-        let mut b = signal;
+        let within = |signal: &Signal| {
+            let mut signal = signal.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), signal.fired())
+                    .await
+                    .expect("the signal completes")
+            }
+        };
+        let (trigger, a) = channel();
+        let waiting = tokio::spawn(within(&a));
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "nothing fired yet");
         trigger.fire();
-        a.fired().await;
-        assert!(b.is_fired());
-        b.fired().await;
+        waiting.await.unwrap();
+        within(&a).await;
 
-        let (trigger, mut signal) = channel();
+        // A dropped trigger can never fire; waiting on it must not hang.
+        let (trigger, signal) = channel();
         drop(trigger);
-        signal.fired().await;
-        assert!(!signal.is_fired());
+        within(&signal).await;
     }
 }
