@@ -1,6 +1,7 @@
 //! Classifies a request as plain HTTP, a WebSocket handshake (RFC 6455 §4.2.1) or another
 //! allowed Upgrade, and refuses bad handshakes before any backend is contacted. Pure functions.
 
+pub mod frame;
 pub mod tunnel;
 
 use http::header::{HeaderMap, CONNECTION, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE};

@@ -1,0 +1,1 @@
+//! Property tests of the frame tracker against a reference parser.
