@@ -105,21 +105,12 @@ impl Validator<'_> {
         raw: &raw::Tls,
         base: &std::path::Path,
     ) -> Option<ClientAuth> {
-        let optional = match raw
-            .client_auth
-            .as_ref()
-            .map(|a| (a.get_ref().as_str(), a.span()))
-        {
-            None | Some(("required", _)) => false,
-            Some(("optional", _)) => true,
-            Some((other, span)) => {
-                self.error(
-                    span,
-                    format!("unknown client_auth {other:?} (known: required, optional)"),
-                );
-                false
-            }
-        };
+        let optional = self.choice(
+            raw.client_auth.as_ref(),
+            "unknown client_auth",
+            &[("required", false), ("optional", true)],
+            false,
+        );
         let identity_header = raw.client_identity_header.as_ref().and_then(|header| {
             let valid = http::HeaderName::from_bytes(header.get_ref().as_bytes()).is_ok();
             if !valid {
@@ -159,39 +150,22 @@ impl Validator<'_> {
             );
             return None;
         }
-        let unknown_sni = match raw
-            .unknown_sni
-            .as_ref()
-            .map(|u| (u.get_ref().as_str(), u.span()))
-        {
-            None | Some(("default", _)) => UnknownSni::Default,
-            Some(("refuse", _)) => UnknownSni::Refuse,
-            Some((other, span)) => {
-                self.error(
-                    span,
-                    format!("unknown unknown_sni {other:?} (known: default, refuse)"),
-                );
-                UnknownSni::Default
-            }
-        };
-        let min_version = match raw
-            .min_version
-            .as_ref()
-            .map(|v| (v.get_ref().as_str(), v.span()))
-        {
-            None | Some(("1.2", _)) => TlsVersion::V1_2,
-            Some(("1.3", _)) => TlsVersion::V1_3,
-            Some((other, span)) => {
-                self.error(
-                    span,
-                    format!("unsupported min_version {other:?} (known: \"1.2\", \"1.3\")"),
-                );
-                TlsVersion::V1_2
-            }
-        };
-        let base = std::path::Path::new(self.file)
-            .parent()
-            .unwrap_or(std::path::Path::new(""));
+        let unknown_sni = self.choice(
+            raw.unknown_sni.as_ref(),
+            "unknown unknown_sni",
+            &[
+                ("default", UnknownSni::Default),
+                ("refuse", UnknownSni::Refuse),
+            ],
+            UnknownSni::Default,
+        );
+        let min_version = self.choice(
+            raw.min_version.as_ref(),
+            "unsupported min_version",
+            &[("1.2", TlsVersion::V1_2), ("1.3", TlsVersion::V1_3)],
+            TlsVersion::V1_2,
+        );
+        let base = self.config_dir();
         let client_auth = self.client_auth(&raw, base);
         let certificates = raw
             .certificates

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use toml::Spanned;
 
-use super::helpers::is_token_byte;
+use super::helpers::{is_token_byte, known_list};
 use super::Validator;
 use crate::config::raw;
 use crate::config::{Action, HostPattern, Route, Upstream};
@@ -59,13 +59,9 @@ impl Validator<'_> {
                             self.error(
                                 upstream.span(),
                                 format!(
-                                    "route {name:?} refers to unknown upstream {:?} (known: {})",
+                                    "route {name:?} refers to unknown upstream {:?} {}",
                                     upstream.get_ref(),
-                                    if known.is_empty() {
-                                        "none".to_owned()
-                                    } else {
-                                        known.join(", ")
-                                    }
+                                    known_list(&known)
                                 ),
                             );
                             continue;

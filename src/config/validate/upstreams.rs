@@ -16,21 +16,15 @@ impl Validator<'_> {
         for upstream in raw {
             self.unique_name(&mut names, &upstream.name, "upstream");
             let name = upstream.name.get_ref();
-            let balance = match upstream
-                .balance
-                .as_ref()
-                .map(|b| (b.get_ref().as_str(), b.span()))
-            {
-                None | Some(("least_connections", _)) => Balance::LeastConnections,
-                Some(("round_robin", _)) => Balance::RoundRobin,
-                Some((other, span)) => {
-                    self.error(
-                        span,
-                        format!("upstream {name:?}: unknown balance {other:?} (known: least_connections, round_robin)"),
-                    );
-                    Balance::LeastConnections
-                }
-            };
+            let balance = self.choice(
+                upstream.balance.as_ref(),
+                &format!("upstream {name:?}: unknown balance"),
+                &[
+                    ("least_connections", Balance::LeastConnections),
+                    ("round_robin", Balance::RoundRobin),
+                ],
+                Balance::LeastConnections,
+            );
             if upstream.servers.get_ref().is_empty() {
                 self.error(
                     upstream.servers.span(),
@@ -58,9 +52,7 @@ impl Validator<'_> {
     }
 
     pub(super) fn upstream_tls(&mut self, raw: raw::UpstreamTls) -> UpstreamTls {
-        let base = std::path::Path::new(self.file)
-            .parent()
-            .unwrap_or(std::path::Path::new(""));
+        let base = self.config_dir();
         let client = match (raw.client_cert, raw.client_key) {
             (Some(cert), Some(key)) => Some(CertificateFiles {
                 cert: base.join(cert.get_ref()),
