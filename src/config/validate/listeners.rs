@@ -1,0 +1,266 @@
+//! `[[listener]]` and `[listener.tls]`: bind addresses, redirects, certificates, mTLS, HSTS.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::Validator;
+use crate::config::raw;
+use crate::config::{
+    CertificateFiles, ClientAuth, Listener, RedirectHttps, Tls, TlsVersion, UnknownSni,
+};
+
+impl Validator<'_> {
+    pub(super) fn listeners(&mut self, raw: Vec<raw::Listener>) -> Vec<Listener> {
+        if raw.is_empty() {
+            self.error(
+                0..0,
+                "no listener: add one, e.g. [[listener]] name = \"http\" bind = \"127.0.0.1:8080\""
+                    .to_owned(),
+            );
+        }
+        let mut names = HashSet::new();
+        let mut binds = HashSet::new();
+        let mut listeners = Vec::with_capacity(raw.len());
+        for listener in raw {
+            self.unique_name(&mut names, &listener.name, "listener");
+            let bind = match listener.bind.get_ref().parse::<SocketAddr>() {
+                Ok(bind) => bind,
+                Err(_) => {
+                    self.error(
+                        listener.bind.span(),
+                        format!(
+                            "invalid bind address {:?}: expected ip:port, e.g. \"127.0.0.1:8080\" or \"[::]:443\"",
+                            listener.bind.get_ref()
+                        ),
+                    );
+                    continue;
+                }
+            };
+            if !binds.insert(bind) {
+                self.error(
+                    listener.bind.span(),
+                    format!("bind address {bind} is used by another listener"),
+                );
+            }
+            let has_tls = listener.tls.is_some();
+            let tls = listener.tls.and_then(|tls| self.tls(tls));
+            let redirect_https = listener.redirect_https.and_then(|redirect| {
+                if has_tls {
+                    self.error(
+                        redirect.span(),
+                        "redirect_https belongs on a plain listener, not on a TLS one".to_owned(),
+                    );
+                    return None;
+                }
+                self.redirect(redirect.into_inner())
+            });
+            listeners.push(Listener {
+                name: listener.name.into_inner(),
+                bind,
+                // HTTP/2 is what browsers speak over TLS; h2c is opt-in.
+                http2: listener.http2.unwrap_or(tls.is_some()),
+                tls,
+                redirect_https,
+            });
+        }
+        listeners
+    }
+
+    pub(super) fn redirect(&mut self, raw: raw::RedirectHttps) -> Option<RedirectHttps> {
+        let port = match raw.port {
+            None => 443,
+            Some(port) => match u16::try_from(*port.get_ref()) {
+                Ok(p) if p != 0 => p,
+                _ => {
+                    self.error(
+                        port.span(),
+                        "redirect_https port must be 1-65535".to_owned(),
+                    );
+                    return None;
+                }
+            },
+        };
+        let mut except = Vec::with_capacity(raw.except.len());
+        for prefix in raw.except {
+            if !prefix.get_ref().starts_with('/') {
+                self.error(
+                    prefix.span(),
+                    format!(
+                        "redirect_https except {:?} must be a path starting with '/'",
+                        prefix.get_ref()
+                    ),
+                );
+                continue;
+            }
+            except.push(prefix.into_inner());
+        }
+        Some(RedirectHttps { port, except })
+    }
+
+    pub(super) fn client_auth(
+        &mut self,
+        raw: &raw::Tls,
+        base: &std::path::Path,
+    ) -> Option<ClientAuth> {
+        let optional = self.choice(
+            raw.client_auth.as_ref(),
+            "unknown client_auth",
+            &[("required", false), ("optional", true)],
+            false,
+        );
+        let identity_header = raw.client_identity_header.as_ref().and_then(|header| {
+            let valid = http::HeaderName::from_bytes(header.get_ref().as_bytes()).is_ok();
+            if !valid {
+                self.error(
+                    header.span(),
+                    format!("invalid header name {:?}", header.get_ref()),
+                );
+            }
+            valid.then(|| header.get_ref().to_ascii_lowercase())
+        });
+        let Some(ca) = &raw.client_ca else {
+            if let Some(span) = raw
+                .client_auth
+                .as_ref()
+                .map(Spanned::span)
+                .or_else(|| raw.client_identity_header.as_ref().map(Spanned::span))
+            {
+                self.error(
+                    span,
+                    "client certificates need client_ca = \"ca.pem\"".to_owned(),
+                );
+            }
+            return None;
+        };
+        Some(ClientAuth {
+            ca: base.join(ca.get_ref()),
+            optional,
+            identity_header,
+        })
+    }
+
+    pub(super) fn tls(&mut self, raw: raw::Tls) -> Option<Tls> {
+        if raw.certificates.get_ref().is_empty() {
+            self.error(
+                raw.certificates.span(),
+                "tls needs at least one certificate: certificates = [{ cert = \"cert.pem\", key = \"key.pem\" }]".to_owned(),
+            );
+            return None;
+        }
+        let unknown_sni = self.choice(
+            raw.unknown_sni.as_ref(),
+            "unknown unknown_sni",
+            &[
+                ("default", UnknownSni::Default),
+                ("refuse", UnknownSni::Refuse),
+            ],
+            UnknownSni::Default,
+        );
+        let min_version = self.choice(
+            raw.min_version.as_ref(),
+            "unsupported min_version",
+            &[("1.2", TlsVersion::V1_2), ("1.3", TlsVersion::V1_3)],
+            TlsVersion::V1_2,
+        );
+        let base = self.config_dir();
+        let client_auth = self.client_auth(&raw, base);
+        let certificates = raw
+            .certificates
+            .into_inner()
+            .into_iter()
+            .map(|c| CertificateFiles {
+                cert: base.join(c.cert.get_ref()),
+                key: base.join(c.key.get_ref()),
+            })
+            .collect();
+        Some(Tls {
+            certificates,
+            unknown_sni,
+            min_version,
+            watch_interval: self.duration(raw.watch_interval, Duration::from_secs(10)),
+            hsts: raw.hsts.and_then(|hsts| {
+                let valid = hsts.get_ref().contains("max-age=")
+                    && http::HeaderValue::from_str(hsts.get_ref()).is_ok();
+                if !valid {
+                    self.error(
+                        hsts.span(),
+                        format!("invalid hsts {:?}: expected e.g. \"max-age=31536000; includeSubDomains\"", hsts.get_ref()),
+                    );
+                }
+                valid.then(|| hsts.into_inner())
+            }),
+            client_auth,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::errors;
+    use super::super::validate;
+    use super::*;
+
+    #[test]
+    fn tls_settings_are_checked_and_paths_follow_the_config_file() {
+        let text = "[[listener]]\nname = \"https\"\nbind = \"127.0.0.1:8443\"\n[listener.tls]\ncertificates = [{ cert = \"c.pem\", key = \"/abs/k.pem\" }]\nunknown_sni = \"refuse\"\nmin_version = \"1.3\"\n";
+        let config = validate(text, "/etc/wsgate/gw.toml").unwrap();
+        let listener = &config.listeners[0];
+        assert!(listener.http2, "HTTP/2 is on by default with TLS");
+        let tls = listener.tls.as_ref().unwrap();
+        assert_eq!(
+            tls.certificates[0].cert,
+            std::path::Path::new("/etc/wsgate/c.pem")
+        );
+        assert_eq!(tls.certificates[0].key, std::path::Path::new("/abs/k.pem"));
+        assert_eq!(tls.unknown_sni, UnknownSni::Refuse);
+        assert_eq!(tls.min_version, TlsVersion::V1_3);
+
+        let text = "[[listener]]\nname = \"https\"\nbind = \"127.0.0.1:8443\"\nhttp2 = false\n[listener.tls]\ncertificates = []\n";
+        assert_eq!(
+            errors(text),
+            ["t.toml:6:16: tls needs at least one certificate: certificates = [{ cert = \"cert.pem\", key = \"key.pem\" }]"]
+        );
+        let text = "[[listener]]\nname = \"https\"\nbind = \"127.0.0.1:8443\"\n[listener.tls]\ncertificates = [{ cert = \"c\", key = \"k\" }]\nunknown_sni = \"ignore\"\nmin_version = \"1.1\"\n";
+        let errs = errors(text);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs[0].starts_with("t.toml:6:15: unknown unknown_sni \"ignore\""),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("t.toml:7:15: unsupported min_version \"1.1\""),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn redirect_and_hsts_are_checked() {
+        let text = "[[listener]]\nname = \"http\"\nbind = \"127.0.0.1:80\"\nredirect_https = { except = [\"/.well-known/acme-challenge/\"] }\n";
+        let config = validate(text, "t.toml").unwrap();
+        let redirect = config.listeners[0].redirect_https.as_ref().unwrap();
+        assert_eq!(redirect.port, 443);
+        assert_eq!(redirect.except, ["/.well-known/acme-challenge/"]);
+
+        let text = "[[listener]]\nname = \"http\"\nbind = \"127.0.0.1:80\"\nredirect_https = { port = 0, except = [\"acme\"] }\n[[listener]]\nname = \"https\"\nbind = \"127.0.0.1:443\"\nredirect_https = {}\n[listener.tls]\ncertificates = [{ cert = \"c\", key = \"k\" }]\nhsts = \"forever\"\n";
+        let errs = errors(text);
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(
+            errs[0].contains("redirect_https port must be 1-65535"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].contains("redirect_https belongs on a plain listener"),
+            "{errs:?}"
+        );
+        assert!(errs[2].contains("invalid hsts \"forever\""), "{errs:?}");
+
+        let text = "[[listener]]\nname = \"https\"\nbind = \"127.0.0.1:443\"\n[listener.tls]\ncertificates = [{ cert = \"c\", key = \"k\" }]\nclient_auth = \"optional\"\n";
+        assert_eq!(
+            errors(text),
+            ["t.toml:6:15: client certificates need client_ca = \"ca.pem\""]
+        );
+    }
+}

@@ -1,0 +1,270 @@
+//! Raw TOML -> domain types. Every problem is collected, not just the first, so that
+//! `wsgate check` shows them all at once; each names its place as `file:line:col`.
+//!
+//! This module holds the entry point and the small top-level sections (workers, log,
+//! timeouts, limits); each larger section has its own file.
+
+mod helpers;
+mod listeners;
+mod routes;
+mod upstreams;
+
+use std::ops::Range;
+
+use toml::Spanned;
+
+use super::raw;
+use super::{Config, Diagnostic, Limits, Location, Log, Timeouts};
+
+/// hyper cannot read a request head into a buffer smaller than this.
+const MIN_HEADER_BYTES: i64 = 8 * 1024;
+const MAX_HEADER_BYTES: i64 = 1024 * 1024;
+const MAX_WORKERS: i64 = 1024;
+
+pub(super) fn validate(text: &str, file: &str) -> Result<Config, Vec<Diagnostic>> {
+    let mut v = Validator {
+        text,
+        file,
+        diagnostics: Vec::new(),
+    };
+    let raw: raw::Config = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(err) => {
+            let span = err.span().unwrap_or(0..0);
+            // toml's messages can span lines ("invalid table header\nexpected ..."); a
+            // diagnostic is one line.
+            let message: Vec<&str> = err
+                .message()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            v.error(span, message.join(": "));
+            return Err(v.diagnostics);
+        }
+    };
+    let config = v.config(raw);
+    if v.diagnostics.is_empty() {
+        Ok(config)
+    } else {
+        // In file order, the way an editor walks them.
+        v.diagnostics
+            .sort_by_key(|d| (d.location.line, d.location.col));
+        Err(v.diagnostics)
+    }
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    file: &'a str,
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, span: Range<usize>, message: String) {
+        let location = self.locate(span.start);
+        self.diagnostics.push(Diagnostic { location, message });
+    }
+
+    fn locate(&self, offset: usize) -> Location {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        Location {
+            file: self.file.to_owned(),
+            line,
+            col: before[line_start..].chars().count() + 1,
+        }
+    }
+
+    fn config(&mut self, raw: raw::Config) -> Config {
+        let workers = match raw.workers {
+            None => 0,
+            Some(w) if (0..=MAX_WORKERS).contains(w.get_ref()) => *w.get_ref() as usize,
+            Some(w) => {
+                self.error(
+                    w.span(),
+                    format!("workers must be between 0 (one per core) and {MAX_WORKERS}"),
+                );
+                0
+            }
+        };
+        let upstreams = self.upstreams(raw.upstreams);
+        Config {
+            workers,
+            log: self.log(raw.log),
+            timeouts: self.timeouts(raw.timeouts),
+            limits: self.limits(raw.limits),
+            listeners: self.listeners(raw.listeners),
+            routes: self.routes(raw.routes, &upstreams),
+            upstreams,
+        }
+    }
+
+    fn log(&mut self, raw: raw::Log) -> Log {
+        let level = match raw.level {
+            None => "info".to_owned(),
+            Some(level) => {
+                if let Err(err) = level.get_ref().parse::<tracing_subscriber::EnvFilter>() {
+                    self.error(
+                        level.span(),
+                        format!(
+                            "invalid log level {:?}: {err} (e.g. \"info\", \"wsgate=debug\")",
+                            level.get_ref()
+                        ),
+                    );
+                }
+                level.into_inner()
+            }
+        };
+        Log {
+            level,
+            access: raw.access.unwrap_or(true),
+        }
+    }
+
+    fn timeouts(&mut self, raw: raw::Timeouts) -> Timeouts {
+        let default = Timeouts::default();
+        Timeouts {
+            connect: self.duration(raw.connect, default.connect),
+            tls_handshake: self.duration(raw.tls_handshake, default.tls_handshake),
+            request_header: self.duration(raw.request_header, default.request_header),
+            upstream_response_header: self.duration(
+                raw.upstream_response_header,
+                default.upstream_response_header,
+            ),
+            upstream_keepalive: self.duration(raw.upstream_keepalive, default.upstream_keepalive),
+            websocket_idle: self.duration(raw.websocket_idle, default.websocket_idle),
+            websocket_half_closed: self
+                .duration(raw.websocket_half_closed, default.websocket_half_closed),
+            drain: self.duration(raw.drain, default.drain),
+        }
+    }
+
+    fn limits(&mut self, raw: raw::Limits) -> Limits {
+        let mut limits = Limits::default();
+        // RFC 9113 §6.9.1: windows are between 65,535 and 2^31-1.
+        let window = 65_535..=i64::from(i32::MAX);
+        limits.h2_max_concurrent_streams = self.bounded(
+            raw.h2_max_concurrent_streams,
+            1..=10_000,
+            "h2_max_concurrent_streams",
+            limits.h2_max_concurrent_streams,
+        );
+        limits.h2_stream_window = self.bounded(
+            raw.h2_stream_window,
+            window.clone(),
+            "h2_stream_window",
+            limits.h2_stream_window,
+        );
+        limits.h2_connection_window = self.bounded(
+            raw.h2_connection_window,
+            window,
+            "h2_connection_window",
+            limits.h2_connection_window,
+        );
+        if let Some(bytes) = raw.request_header_bytes {
+            if (MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(bytes.get_ref()) {
+                limits.request_header_bytes = *bytes.get_ref() as usize;
+            } else {
+                self.error(
+                    bytes.span(),
+                    format!("request_header_bytes must be between {MIN_HEADER_BYTES} and {MAX_HEADER_BYTES}"),
+                );
+            }
+        }
+        limits
+    }
+
+    fn bounded(
+        &mut self,
+        raw: Option<Spanned<i64>>,
+        range: std::ops::RangeInclusive<i64>,
+        what: &str,
+        default: u32,
+    ) -> u32 {
+        match raw {
+            None => default,
+            Some(value) if range.contains(value.get_ref()) => *value.get_ref() as u32,
+            Some(value) => {
+                self.error(
+                    value.span(),
+                    format!(
+                        "{what} must be between {} and {}",
+                        range.start(),
+                        range.end()
+                    ),
+                );
+                default
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn errors(text: &str) -> Vec<String> {
+        match validate(text, "t.toml") {
+            Ok(_) => Vec::new(),
+            Err(d) => d.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    pub(super) const LISTENER: &str = "[[listener]]\nname = \"http\"\nbind = \"127.0.0.1:8080\"\n";
+
+    #[test]
+    fn unknown_key_is_located() {
+        let text = format!("{LISTENER}colour = \"red\"\n");
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1);
+        assert!(
+            errs[0].starts_with("t.toml:4:1: unknown field `colour`"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn every_error_is_collected() {
+        let text = "[[listener]]\nname = \"a\"\nbind = \"nowhere\"\n[timeouts]\nconnect = \"5 seconds\"\n[[route]]\nname = \"r\"\npath = \"api\"\nupstream = \"x\"\n";
+        let errs = errors(text);
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(
+            errs[0].starts_with("t.toml:3:8: invalid bind address"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("t.toml:5:11: invalid duration"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[2].starts_with("t.toml:8:8: route \"r\": path \"api\" must start"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn h2_limits_are_bounded() {
+        let text = format!("{LISTENER}[limits]\nh2_max_concurrent_streams = 0\nh2_stream_window = 1024\nh2_connection_window = 8388608\n");
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs[0]
+                .starts_with("t.toml:5:29: h2_max_concurrent_streams must be between 1 and 10000"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("t.toml:6:20: h2_stream_window must be between 65535"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn missing_listener_is_an_error() {
+        assert_eq!(
+            errors("workers = 1\n"),
+            ["t.toml:1:1: no listener: add one, e.g. [[listener]] name = \"http\" bind = \"127.0.0.1:8080\""]
+        );
+    }
+}
