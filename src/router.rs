@@ -15,6 +15,7 @@ pub struct Route {
     pub target: Target,
     /// Lowercase Upgrade protocols besides `websocket` that may pass.
     pub upgrades: Vec<String>,
+    pub websocket: config::WebSocket,
     /// Shared with the tunnels the route opened, which outlive their request.
     pub stats: Arc<RouteStats>,
 }
@@ -141,6 +142,7 @@ impl Router {
                     },
                 },
                 upgrades: route.upgrades.clone(),
+                websocket: route.websocket,
                 stats: Arc::default(),
             })
             .collect();
@@ -181,6 +183,7 @@ mod tests {
                 body: String::new(),
             },
             upgrades: Vec::new(),
+            websocket: config::WebSocket::default(),
         }
     }
 

@@ -45,6 +45,9 @@ pub struct Server {
     reloader: Reloader,
     proxy: Arc<Proxy>,
     tunnels: Tracker,
+    /// Shutdown has begun: listeners stop accepting, WebSocket tunnels send Close 1001.
+    drain_start: Trigger,
+    drain_signal: Signal,
     close_tunnels: Trigger,
     drain: Duration,
 }
@@ -186,15 +189,22 @@ impl Server {
         }
         let tunnels = Tracker::default();
         let (close_tunnels, close_signal) = shutdown::channel();
+        let (drain_start, drain_signal) = shutdown::channel();
         let snapshot = Arc::new(Snapshot::new(config)?);
+        let signals = crate::websocket::tunnel::Signals {
+            drain: drain_signal.clone(),
+            close: close_signal,
+        };
         Ok(Server {
             listeners,
             reloader: Reloader {
                 terminators: reloadable.into(),
                 failures: Arc::default(),
             },
-            proxy: Arc::new(Proxy::new(snapshot, tunnels.clone(), close_signal)),
+            proxy: Arc::new(Proxy::new(snapshot, tunnels.clone(), signals)),
             tunnels,
+            drain_start,
+            drain_signal,
             close_tunnels,
             drain: config.timeouts.drain,
         })
@@ -231,7 +241,7 @@ impl Server {
         for (name, address) in self.local_addrs() {
             tracing::info!(listener = %name, %address, "listening");
         }
-        let (stop_accepting, drain_signal) = shutdown::channel();
+        let drain_signal = self.drain_signal;
         let connections = Tracker::default();
         tokio::spawn(self.reloader.clone().watch(drain_signal.clone()));
         for listener in self.listeners {
@@ -248,7 +258,7 @@ impl Server {
             drain_s = self.drain.as_secs_f64(),
             "shutting down: no new connections, draining"
         );
-        stop_accepting.fire();
+        self.drain_start.fire();
         let drained = async {
             // Tunnels start from connections, so none can appear once connections are done.
             connections.idle().await;

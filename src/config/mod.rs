@@ -167,6 +167,52 @@ pub struct Route {
     pub action: Action,
     /// Upgrade protocols besides `websocket` that this route passes through, lowercase.
     pub upgrades: Vec<String>,
+    pub websocket: WebSocket,
+}
+
+/// What wsgate does with a WebSocket tunnel's frames; every byte passes through untouched
+/// except the Pings, Pongs and Closes named here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WebSocket {
+    /// Nothing heard from the client for this long: wsgate sends it a Ping. `None`: off.
+    pub ping_interval: Option<Duration>,
+    /// Nothing heard for this long after a Ping: the peer is gone and the tunnel is closed.
+    pub ping_timeout: Duration,
+    /// Ping the upstream server as well, masked as a client's frames are.
+    pub ping_upstream: bool,
+    /// Largest frame payload accepted from either side; larger closes with 1009.
+    pub max_frame: Option<u64>,
+    /// Largest message (fragments together) accepted from either side; larger closes with 1009.
+    pub max_message: Option<u64>,
+    /// Close with 1002 on frames RFC 6455 forbids (masking, reserved opcodes and bits, control
+    /// frames that are long or fragmented).
+    pub strict: bool,
+    pub permessage_deflate: Deflate,
+}
+
+impl Default for WebSocket {
+    fn default() -> Self {
+        WebSocket {
+            // Below the idle timers of NATs and cloud load balancers (60 s and up), so that a
+            // quiet WebSocket stays open without the application doing anything.
+            ping_interval: Some(Duration::from_secs(30)),
+            ping_timeout: Duration::from_secs(20),
+            ping_upstream: false,
+            max_frame: None,
+            max_message: None,
+            strict: false,
+            permessage_deflate: Deflate::Pass,
+        }
+    }
+}
+
+/// What happens to a client's permessage-deflate offer (RFC 7692).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deflate {
+    /// Offer and answer go through untouched.
+    Pass,
+    /// The offer is removed before the backend sees it: no tunnel of the route is compressed.
+    Strip,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -14,6 +14,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub websocket: WebSocket,
     #[serde(default, rename = "listener")]
     pub listeners: Vec<Listener>,
     #[serde(default, rename = "route")]
@@ -101,6 +103,21 @@ pub struct Route {
     pub respond: Option<Spanned<Respond>>,
     #[serde(default)]
     pub upgrades: Vec<Spanned<String>>,
+    pub websocket: Option<WebSocket>,
+}
+
+/// `[websocket]` sets every route's defaults; a route's `websocket = { ... }` overrides keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocket {
+    /// A duration, or `"off"`.
+    pub ping_interval: Option<Spanned<String>>,
+    pub ping_timeout: Option<Spanned<String>>,
+    pub ping_upstream: Option<bool>,
+    pub max_frame: Option<Spanned<i64>>,
+    pub max_message: Option<Spanned<i64>>,
+    pub strict: Option<bool>,
+    pub permessage_deflate: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -23,6 +23,33 @@ static HOP_BY_HOP: [HeaderName; 6] = [
     UPGRADE,
 ];
 
+/// Removes every offer of `extension` from `Sec-WebSocket-Extensions` (RFC 6455 §9.1: a
+/// comma-separated list of offers, each `name; params`), keeping the other offers.
+pub fn strip_extension(headers: &mut HeaderMap, extension: &str) {
+    let name = http::header::SEC_WEBSOCKET_EXTENSIONS;
+    if !headers.contains_key(&name) {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(&name)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|offer| {
+            let offered = offer.split(';').next().unwrap_or("").trim();
+            !offer.is_empty() && !offered.eq_ignore_ascii_case(extension)
+        })
+        .map(str::to_owned)
+        .collect();
+    headers.remove(&name);
+    if let Ok(value) = HeaderValue::try_from(kept.join(", ")) {
+        if !kept.is_empty() {
+            headers.insert(name, value);
+        }
+    }
+}
+
 /// Who the request came from, as the forwarding headers tell it upstream.
 #[derive(Debug, Clone, Copy)]
 pub struct Forwarding<'a> {
@@ -305,5 +332,32 @@ mod tests {
         let mut headers = map(&pairs);
         to_downstream(&mut headers, false);
         assert_eq!(names(&headers), ["sec-websocket-accept"]);
+    }
+
+    #[test]
+    fn strip_extension_removes_every_offer_of_it_and_keeps_the_rest() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            "sec-websocket-extensions",
+            HeaderValue::from_static("permessage-deflate; client_max_window_bits, x-foo"),
+        );
+        headers.append(
+            "sec-websocket-extensions",
+            HeaderValue::from_static("Permessage-Deflate"),
+        );
+        strip_extension(&mut headers, "permessage-deflate");
+        assert_eq!(
+            headers.get_all("sec-websocket-extensions").iter().count(),
+            1
+        );
+        assert_eq!(headers["sec-websocket-extensions"], "x-foo");
+
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "sec-websocket-extensions",
+            HeaderValue::from_static("permessage-deflate"),
+        );
+        strip_extension(&mut headers, "permessage-deflate");
+        assert!(!headers.contains_key("sec-websocket-extensions"));
     }
 }

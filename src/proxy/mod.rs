@@ -19,9 +19,9 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::config::{Config, Timeouts};
+use crate::config::{self, Config, Timeouts};
 use crate::router::{Route, Router, Target};
-use crate::shutdown::{Signal, Tracker};
+use crate::shutdown::Tracker;
 use crate::upstream::{self, Endpoint, Lease, UpstreamGroup};
 use crate::websocket::{self, tunnel, Classification, Protocol};
 use body::ProxyBody;
@@ -112,8 +112,9 @@ pub struct Proxy {
     snapshot: Arc<Snapshot>,
     /// Upgraded connections leave hyper's sight; they are counted here for the drain.
     tunnels: Tracker,
-    /// Fired when the drain period is over and open tunnels must close.
-    close_tunnels: Signal,
+    /// Fired when shutdown begins (WebSocket tunnels close politely) and when the drain period
+    /// is over (every tunnel closes at once).
+    tunnel_signals: tunnel::Signals,
 }
 
 /// A validated upgrade waiting for the upstream's 101.
@@ -131,11 +132,15 @@ struct Facts {
 }
 
 impl Proxy {
-    pub fn new(snapshot: Arc<Snapshot>, tunnels: Tracker, close_tunnels: Signal) -> Proxy {
+    pub fn new(
+        snapshot: Arc<Snapshot>,
+        tunnels: Tracker,
+        tunnel_signals: tunnel::Signals,
+    ) -> Proxy {
         Proxy {
             snapshot,
             tunnels,
-            close_tunnels,
+            tunnel_signals,
         }
     }
 
@@ -255,6 +260,9 @@ impl Proxy {
             client: hyper::upgrade::on(&mut request),
         });
         prepare_upstream_request(&mut request, facts, conn, upgrade.is_some());
+        if upgrade.is_some() && route.websocket.permessage_deflate == config::Deflate::Strip {
+            headers::strip_extension(request.headers_mut(), "permessage-deflate");
+        }
 
         let upstream_failed = |source| ProxyError::Upstream {
             upstream: upstream.name.clone(),
@@ -302,13 +310,25 @@ impl Proxy {
             });
         };
         let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let options = tunnel::Options {
+            idle: self.snapshot.timeouts.websocket_idle,
+            half_closed: self.snapshot.timeouts.websocket_half_closed,
+            // Other upgrades are not WebSocket: their bytes stay opaque.
+            frames: (upgrade.protocol != Protocol::Other)
+                .then(|| frame_options(&route.websocket, response.headers())),
+        };
+        let labels = tunnel::Labels {
+            route: route.name.clone(),
+            upstream: upstream.name.clone(),
+            server: lease.endpoint().label.clone(),
+            client: conn.peer,
+        };
         self.spawn_tunnel(
-            upgrade.client,
-            upstream_upgrade,
+            (upgrade.client, upstream_upgrade),
             lease,
             route,
-            &upstream.name,
-            conn,
+            labels,
+            options,
         );
         let (mut parts, _) = response.into_parts();
         if bridged_key.is_some() {
@@ -324,34 +344,25 @@ impl Proxy {
         Ok((Response::from_parts(parts, ProxyBody::empty()), server))
     }
 
+    /// `upgrades`: the client's and the upstream's, each resolving once its side switched.
     fn spawn_tunnel(
         &self,
-        client: hyper::upgrade::OnUpgrade,
-        upstream: hyper::upgrade::OnUpgrade,
+        upgrades: (hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade),
         lease: Lease,
         route: &Route,
-        upstream_name: &str,
-        conn: &ConnInfo,
+        labels: tunnel::Labels,
+        options: tunnel::Options,
     ) {
+        let (client, upstream) = upgrades;
         let lease = lease.into_tunnel();
-        let labels = tunnel::Labels {
-            route: route.name.clone(),
-            upstream: upstream_name.to_owned(),
-            server: lease.endpoint().label.clone(),
-            client: conn.peer,
-        };
         let guard = self.tunnels.guard();
-        let close = self.close_tunnels.clone();
-        let limits = tunnel::Limits {
-            idle: self.snapshot.timeouts.websocket_idle,
-            half_closed: self.snapshot.timeouts.websocket_half_closed,
-        };
+        let signals = self.tunnel_signals.clone();
         let stats = route.stats.clone();
         stats.tunnel_opened();
         tokio::spawn(async move {
             match tokio::try_join!(client, upstream) {
                 Ok((client, upstream)) => {
-                    tunnel::run(client, upstream, &labels, limits, close).await;
+                    tunnel::run(client, upstream, &labels, options, signals).await;
                 }
                 Err(err) => tracing::debug!(
                     route = %labels.route,
@@ -364,6 +375,21 @@ impl Proxy {
             drop(lease);
             drop(guard);
         });
+    }
+}
+
+/// How a WebSocket tunnel on `route` follows its frames, given the backend's 101.
+fn frame_options(route: &config::WebSocket, switched: &http::HeaderMap) -> tunnel::FrameOptions {
+    tunnel::FrameOptions {
+        keepalive: route.ping_interval.map(|interval| tunnel::Keepalive {
+            interval,
+            timeout: route.ping_timeout,
+            upstream: route.ping_upstream,
+        }),
+        max_frame: route.max_frame,
+        max_message: route.max_message,
+        strict: route.strict,
+        deflate: websocket::deflate_negotiated(switched),
     }
 }
 

@@ -195,6 +195,18 @@ pub fn has_token(headers: &HeaderMap, name: http::HeaderName, token: &str) -> bo
         .any(|t| t.eq_ignore_ascii_case(token))
 }
 
+/// The server accepted permessage-deflate (RFC 7692 §5): its frames may then set RSV1.
+pub fn deflate_negotiated(response: &HeaderMap) -> bool {
+    response
+        .get_all(http::header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .flat_map(tokens)
+        .any(|extension| {
+            let name = extension.split(';').next().unwrap_or("").trim();
+            name.eq_ignore_ascii_case("permessage-deflate")
+        })
+}
+
 fn tokens(value: &http::HeaderValue) -> impl Iterator<Item = &str> {
     value
         .to_str()

@@ -1,5 +1,6 @@
-//! Shutdown is a drain: stop accepting, let requests finish and tunnels run until the drain
-//! period ends, then close them; in-process and through the real binary's signal handling.
+//! Shutdown is a drain: stop accepting, let requests finish, close WebSockets with 1001 and
+//! wait for their close handshakes, cut what is left when the drain period ends; in-process
+//! and through the real binary's signal handling.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -75,33 +77,75 @@ async fn in_flight_request_completes_during_the_drain() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn open_tunnel_works_during_the_drain_and_is_closed_when_it_ends() {
-    let backend = WsBackend::start("a").await;
-    let drain = Duration::from_secs(2);
+async fn websockets_get_close_1001_both_ways_when_shutdown_begins() {
+    let mut backend = WsBackend::start("a").await;
+    // Long, so that finishing early shows the close handshakes ended the drain, not the timer.
     let config = format!(
-        "[timeouts]\ndrain = \"2s\"\n\n{}",
+        "[timeouts]\ndrain = \"60s\"\n\n{}",
         proxy_config(&[backend.addr])
     );
     let mut gw = TestGateway::start(&config).await;
     let stats = gw.route_stats("app");
     let (mut ws, _) = ws_connect(gw.addr, "/").await;
+    within(WAIT, ws.send(Message::Text("before".into())))
+        .await
+        .unwrap();
+    assert_eq!(next_message(&mut ws).await, Message::Text("before".into()));
+
+    let started = Instant::now();
+    gw.begin_shutdown().await;
+    match next_message(&mut ws).await {
+        Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("expected Close 1001, got {other:?}"),
+    }
+    let backend_close = backend.next_close().await.expect("a close code");
+    assert_eq!(u16::from(backend_close.code), 1001);
+    // tungstenite answers the Close; then the gateway ends the connection.
+    let end = within(WAIT, ws.next()).await;
+    assert!(matches!(end, None | Some(Err(_))), "{end:?}");
+    gw.finish_shutdown().await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(30), "waited {took:?}");
+    assert_eq!(stats.tunnels_open.load(SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tunnel_works_during_the_drain_and_is_cut_when_it_ends() {
+    let backend = raw_backend(|mut stream| async move {
+        let _ = read_request_head(&mut stream).await;
+        let switched =
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: x-raw\r\nConnection: Upgrade\r\n\r\n";
+        if stream.write_all(switched.as_bytes()).await.is_ok() {
+            let (mut read, mut write) = stream.split();
+            let _ = tokio::io::copy(&mut read, &mut write).await;
+        }
+    })
+    .await;
+    let drain = Duration::from_secs(2);
+    let config = format!(
+        "[timeouts]\ndrain = \"2s\"\n\n[[route]]\nname = \"raw\"\nupstream = \"app\"\nupgrades = [\"x-raw\"]\n\n{}",
+        upstream_config("app", "round_robin", &[backend])
+    );
+    let mut gw = TestGateway::start(&config).await;
+    let stats = gw.route_stats("raw");
+    let mut client = RawClient::connect(gw.addr).await;
+    client
+        .send("GET / HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: x-raw\r\n\r\n")
+        .await;
+    assert_eq!(client.read_head().await.status, 101);
 
     let started = Instant::now();
     gw.begin_shutdown().await;
     wait_until_refused(gw.addr).await;
-    within(WAIT, ws.send(Message::Text("during the drain".into())))
-        .await
-        .unwrap();
-    assert_eq!(
-        next_message(&mut ws).await,
-        Message::Text("during the drain".into())
-    );
+    client.send(b"during the drain").await;
+    assert_eq!(client.read_exact(16).await, b"during the drain");
     assert_eq!(stats.tunnels_open.load(SeqCst), 1);
 
-    // The gateway cuts the tunnel (no close frame: it does not speak WebSocket).
-    let end = within(drain + WAIT, ws.next()).await;
+    // Not a WebSocket: there is no Close to send, so the gateway cuts it when the drain ends.
+    assert!(within(drain + WAIT, client.read_to_close())
+        .await
+        .is_empty());
     let closed_after = started.elapsed();
-    assert!(matches!(end, None | Some(Err(_))), "{end:?}");
     assert!(closed_after >= drain, "closed after {closed_after:?}");
     gw.finish_shutdown().await;
     assert_eq!(stats.tunnels_open.load(SeqCst), 0);

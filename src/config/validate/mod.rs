@@ -8,6 +8,7 @@ mod helpers;
 mod listeners;
 mod routes;
 mod upstreams;
+mod websocket;
 
 use std::ops::Range;
 
@@ -90,13 +91,14 @@ impl Validator<'_> {
             }
         };
         let upstreams = self.upstreams(raw.upstreams);
+        let websocket = self.websocket(raw.websocket, &crate::config::WebSocket::default());
         Config {
             workers,
             log: self.log(raw.log),
             timeouts: self.timeouts(raw.timeouts),
             limits: self.limits(raw.limits),
             listeners: self.listeners(raw.listeners),
-            routes: self.routes(raw.routes, &upstreams),
+            routes: self.routes(raw.routes, &upstreams, &websocket),
             upstreams,
         }
     }

@@ -7,10 +7,15 @@ use toml::Spanned;
 use super::helpers::{is_token_byte, known_list};
 use super::Validator;
 use crate::config::raw;
-use crate::config::{Action, HostPattern, Route, Upstream};
+use crate::config::{Action, HostPattern, Route, Upstream, WebSocket};
 
 impl Validator<'_> {
-    pub(super) fn routes(&mut self, raw: Vec<raw::Route>, upstreams: &[Upstream]) -> Vec<Route> {
+    pub(super) fn routes(
+        &mut self,
+        raw: Vec<raw::Route>,
+        upstreams: &[Upstream],
+        websocket: &WebSocket,
+    ) -> Vec<Route> {
         let mut names = HashSet::new();
         let mut matches = HashSet::new();
         let mut routes = Vec::with_capacity(raw.len());
@@ -117,12 +122,17 @@ impl Validator<'_> {
                     upgrades.push(protocol);
                 }
             }
+            let websocket = match route.websocket {
+                Some(raw) => self.websocket(raw, websocket),
+                None => *websocket,
+            };
             routes.push(Route {
                 name: route.name.into_inner(),
                 hosts,
                 path,
                 action,
                 upgrades,
+                websocket,
             });
         }
         routes

@@ -1,0 +1,790 @@
+//! Splices two upgraded connections: one half per direction, half-closes propagated, an idle
+//! timeout, a drain signal, byte counts, and one log line when the tunnel ends.
+//!
+//! Bytes move through one buffer per thread: read, then write straight through, and copy into
+//! the half's own `Vec` only what the destination would not take. An idle tunnel therefore holds
+//! no buffer at all, unlike `tokio::io::copy_bidirectional`'s two 8 KiB buffers per tunnel.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::shutdown::Signal;
+use crate::websocket::frame;
+
+/// Large enough that bulk transfers make few syscalls; it exists once per worker thread.
+const SCRATCH_BYTES: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice());
+}
+
+mod watch;
+
+use watch::{Control, Rules, Watch};
+pub use watch::{FrameCounts, Violation};
+
+/// What the close log line names.
+#[derive(Debug)]
+pub struct Labels {
+    pub route: String,
+    pub upstream: String,
+    pub server: String,
+    pub client: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// No bytes either way for this long closes the tunnel.
+    pub idle: Duration,
+    /// Once one side has closed (or wsgate has sent its Close), this much silence from the
+    /// other closes the tunnel.
+    pub half_closed: Duration,
+    /// `None`: an opaque byte pipe (an upgrade other than WebSocket).
+    pub frames: Option<FrameOptions>,
+}
+
+/// How a WebSocket tunnel follows its frames.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FrameOptions {
+    pub keepalive: Option<Keepalive>,
+    pub max_frame: Option<u64>,
+    pub max_message: Option<u64>,
+    pub strict: bool,
+    /// permessage-deflate was negotiated: RSV1 is allowed on a message's first frame.
+    pub deflate: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Keepalive {
+    /// Nothing heard from a peer for this long: it is sent a Ping.
+    pub interval: Duration,
+    /// Nothing heard for this long after a Ping: the peer is gone.
+    pub timeout: Duration,
+    /// Ping the upstream server too, not only the client.
+    pub upstream: bool,
+}
+
+/// What tells a tunnel to end: `drain` politely (Close 1001 at frame boundaries, then wait for
+/// the close handshakes), `close` at once.
+#[derive(Debug, Clone)]
+pub struct Signals {
+    pub drain: Signal,
+    pub close: Signal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClosedBy {
+    Client,
+    Upstream,
+    IdleTimeout,
+    /// The drain period ended with the tunnel still open.
+    Shutdown,
+    /// Shutdown began: both sides were sent Close 1001.
+    Drain,
+    /// This side answered nothing within the keepalive timeout.
+    Unresponsive(Side),
+    /// This side broke a frame limit or, in strict mode, the protocol.
+    Violation(Side, Violation),
+}
+
+impl ClosedBy {
+    fn as_str(self) -> &'static str {
+        match self {
+            ClosedBy::Client => "client",
+            ClosedBy::Upstream => "upstream",
+            ClosedBy::IdleTimeout => "idle_timeout",
+            ClosedBy::Shutdown => "shutdown",
+            ClosedBy::Drain => "drain",
+            ClosedBy::Unresponsive(Side::Client) => "client_unresponsive",
+            ClosedBy::Unresponsive(Side::Upstream) => "upstream_unresponsive",
+            ClosedBy::Violation(Side::Client, _) => "client_violation",
+            ClosedBy::Violation(Side::Upstream, _) => "upstream_violation",
+        }
+    }
+
+    fn violation(self) -> Option<&'static str> {
+        match self {
+            ClosedBy::Violation(_, violation) => Some(violation.as_str()),
+            _ => None,
+        }
+    }
+}
+
+/// What one peer sent through the tunnel.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Direction {
+    pub bytes: u64,
+    /// `None` for an opaque tunnel.
+    pub frames: Option<FrameCounts>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub closed_by: ClosedBy,
+    /// Client to upstream.
+    pub up: Direction,
+    /// Upstream to client.
+    pub down: Direction,
+}
+
+/// Runs the tunnel to its end and logs one line. Plain TCP on both sides is unwrapped from
+/// hyper's `Upgraded` so that reads go straight to the sockets.
+pub async fn run(
+    client: Upgraded,
+    upstream: Upgraded,
+    labels: &Labels,
+    options: Options,
+    signals: Signals,
+) -> Outcome {
+    let started = Instant::now();
+    let (client, early_client) = unwrap_tcp(client);
+    let (upstream, early_upstream) = unwrap_tcp(upstream);
+    let splice = Splice::new(client, early_client, upstream, early_upstream, &options);
+    let (result, outcome) = drive(splice, options, signals).await;
+    let counts = |direction: &Direction| direction.frames.unwrap_or_default();
+    let (up, down) = (counts(&outcome.up), counts(&outcome.down));
+    let framed = outcome.up.frames.is_some();
+    tracing::info!(
+        route = %labels.route,
+        upstream = %labels.upstream,
+        server = %labels.server,
+        client = %labels.client,
+        duration_ms = started.elapsed().as_millis() as u64,
+        bytes_up = outcome.up.bytes,
+        bytes_down = outcome.down.bytes,
+        frames_up = framed.then_some(up.frames),
+        frames_down = framed.then_some(down.frames),
+        messages_up = framed.then_some(up.messages),
+        messages_down = framed.then_some(down.messages),
+        client_close_code = up.close_code,
+        upstream_close_code = down.close_code,
+        closed_by = outcome.closed_by.as_str(),
+        violation = outcome.closed_by.violation(),
+        error = result.as_ref().err().map(tracing::field::display),
+        "websocket closed"
+    );
+    outcome
+}
+
+/// Plain TCP under hyper's `Upgraded` is taken out, with the bytes hyper had already read.
+fn unwrap_tcp(upgraded: Upgraded) -> (Io, Bytes) {
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => (Io::Tcp(parts.io.into_inner()), parts.read_buf),
+        Err(upgraded) => (Io::Upgraded(TokioIo::new(upgraded)), Bytes::new()),
+    }
+}
+
+/// One side of a tunnel: a bare socket, or whatever else hyper upgraded (TLS, HTTP/2 later).
+enum Io {
+    Tcp(TcpStream),
+    Upgraded(TokioIo<Upgraded>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(io) => Pin::new(io).poll_read(cx, buf),
+            Io::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(io) => Pin::new(io).poll_write(cx, buf),
+            Io::Upgraded(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(io) => Pin::new(io).poll_flush(cx),
+            Io::Upgraded(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(io) => Pin::new(io).poll_shutdown(cx),
+            Io::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Keepalive of one peer: when wsgate last pinged it without hearing from it since.
+#[derive(Debug, Clone, Copy, Default)]
+struct PingState {
+    sent: Option<Instant>,
+}
+
+/// Drives a splice to its end: timers (idle, keepalive, the close handshake's bound) and
+/// signals. `idle` bounds silence in both directions; once one side has closed, the other
+/// gets only `half_closed` of silence, so a peer that never closes its end cannot pin the
+/// tunnel. The one timer is re-armed only when it fires or a deadline moves earlier, so
+/// moving bytes never touches the timer wheel.
+async fn drive<A, B>(
+    mut splice: Splice<A, B>,
+    options: Options,
+    signals: Signals,
+) -> (io::Result<()>, Outcome)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let Signals {
+        mut drain,
+        mut close,
+    } = signals;
+    let framed = options.frames.is_some();
+    let keepalive = options.frames.and_then(|frames| frames.keepalive);
+    let mut timers = Timers {
+        idle: options.idle,
+        half_closed: options.half_closed,
+        keepalive,
+        pings: [PingState::default(); 2],
+        closing_until: None,
+    };
+    let mut reason = None;
+    let mut draining = false;
+    let timer = tokio::time::sleep_until(timers.next(&splice));
+    tokio::pin!(timer);
+    let result = loop {
+        let rearm = tokio::select! {
+            event = std::future::poll_fn(|cx| splice.poll_event(cx)) => match event {
+                Event::Finished(result) => break result,
+                Event::HalfClosed => {
+                    timers.idle = timers.idle.min(options.half_closed);
+                    true
+                }
+                Event::Violation(side, violation) => {
+                    if reason.is_none() {
+                        reason = Some(ClosedBy::Violation(side, violation));
+                        // The breaking side is told why; the other was sent 1001 already.
+                        splice.start_close(side, violation.close_code(), None);
+                        timers.closing();
+                    }
+                    true
+                }
+            },
+            () = &mut timer => match timers.fired(&mut splice) {
+                Due::Nothing => true,
+                Due::Closing(why) => {
+                    reason = reason.or(Some(why));
+                    true
+                }
+                Due::End(why) => {
+                    reason = reason.or(Some(why));
+                    break Ok(());
+                }
+            },
+            () = drain.fired(), if framed && !draining => {
+                draining = true;
+                if reason.is_none() {
+                    reason = Some(ClosedBy::Drain);
+                    let going_away = frame::close_code::GOING_AWAY;
+                    splice.start_close(Side::Client, going_away, Some(going_away));
+                    timers.closing();
+                }
+                true
+            }
+            () = close.fired() => {
+                reason = Some(ClosedBy::Shutdown);
+                break Ok(());
+            }
+        };
+        if rearm {
+            timer.as_mut().reset(timers.next(&splice));
+        }
+    };
+    let closed_by = reason.or(splice.first_eof).unwrap_or(match &result {
+        Err((side, _)) => *side,
+        Ok(()) => ClosedBy::Client,
+    });
+    let outcome = Outcome {
+        closed_by,
+        up: splice.up.direction(),
+        down: splice.down.direction(),
+    };
+    (result.map_err(|(_, err)| err), outcome)
+}
+
+struct Timers {
+    idle: Duration,
+    half_closed: Duration,
+    keepalive: Option<Keepalive>,
+    /// Indexed by `Side as usize`.
+    pings: [PingState; 2],
+    /// wsgate sent its Close: the close handshakes must end by then.
+    closing_until: Option<Instant>,
+}
+
+impl Timers {
+    fn pinged(&self, side: Side) -> Option<Keepalive> {
+        self.keepalive
+            .filter(|k| side == Side::Client || k.upstream)
+            .filter(|_| self.closing_until.is_none())
+    }
+
+    fn closing(&mut self) {
+        self.closing_until
+            .get_or_insert_with(|| Instant::now() + self.half_closed);
+    }
+
+    fn next<A, B>(&self, splice: &Splice<A, B>) -> Instant {
+        let mut next = splice.last_activity() + self.idle;
+        if let Some(until) = self.closing_until {
+            next = next.min(until);
+        }
+        for side in [Side::Client, Side::Upstream] {
+            if let Some(keepalive) = self.pinged(side) {
+                next = next.min(match self.pings[side as usize].sent {
+                    None => splice.heard[side as usize] + keepalive.interval,
+                    Some(sent) => sent + keepalive.timeout,
+                });
+            }
+        }
+        next
+    }
+
+    /// What the timer found due.
+    fn fired<A, B>(&mut self, splice: &mut Splice<A, B>) -> Due {
+        let now = Instant::now();
+        if self.closing_until.is_some_and(|until| now >= until) {
+            // The close handshake did not finish in time; the reason is already recorded.
+            return Due::End(ClosedBy::IdleTimeout);
+        }
+        if now >= splice.last_activity() + self.idle {
+            return Due::End(ClosedBy::IdleTimeout);
+        }
+        for side in [Side::Client, Side::Upstream] {
+            let Some(keepalive) = self.pinged(side) else {
+                continue;
+            };
+            let heard = splice.heard[side as usize];
+            let ping = &mut self.pings[side as usize];
+            if ping.sent.is_some_and(|sent| heard >= sent) {
+                ping.sent = None;
+            }
+            match ping.sent {
+                Some(sent) if now >= sent + keepalive.timeout => {
+                    let reason = ClosedBy::Unresponsive(side);
+                    if splice.give_up_on(side) {
+                        self.closing();
+                        return Due::Closing(reason);
+                    }
+                    return Due::End(reason);
+                }
+                None if now >= heard + keepalive.interval && splice.half_toward(side).ping() => {
+                    ping.sent = Some(now);
+                }
+                _ => {}
+            }
+        }
+        Due::Nothing
+    }
+}
+
+enum Due {
+    Nothing,
+    /// Close frames are on their way; the tunnel ends when they are written or answered.
+    Closing(ClosedBy),
+    /// End the tunnel now.
+    End(ClosedBy),
+}
+
+/// Both directions of a tunnel; finished when both have ended.
+struct Splice<A, B> {
+    client: A,
+    upstream: B,
+    /// Client to upstream.
+    up: Half,
+    /// Upstream to client.
+    down: Half,
+    /// When bytes last came from each side, indexed by `Side as usize`.
+    heard: [Instant; 2],
+    first_eof: Option<ClosedBy>,
+}
+
+/// What one poll of a splice found worth telling its driver.
+enum Event {
+    /// One direction has just ended; the other may go on.
+    HalfClosed,
+    /// This side broke a frame rule; the other side has been sent Close 1001.
+    Violation(Side, Violation),
+    Finished(Result<(), (ClosedBy, io::Error)>),
+}
+
+impl<A, B> Splice<A, B> {
+    /// `early_*` are bytes a side sent right behind the handshake, already read by hyper.
+    fn new(
+        client: A,
+        early_client: Bytes,
+        upstream: B,
+        early_upstream: Bytes,
+        options: &Options,
+    ) -> Self {
+        let now = Instant::now();
+        Splice {
+            client,
+            upstream,
+            up: Half::new(Side::Client, options, &early_client),
+            down: Half::new(Side::Upstream, options, &early_upstream),
+            heard: [now; 2],
+            first_eof: None,
+        }
+    }
+
+    fn last_activity(&self) -> Instant {
+        self.heard[0].max(self.heard[1])
+    }
+
+    /// The half whose destination is `side`.
+    fn half_toward(&mut self, side: Side) -> &mut Half {
+        match side {
+            Side::Client => &mut self.down,
+            Side::Upstream => &mut self.up,
+        }
+    }
+
+    /// Sends `side` a Close with `code`, and the other side one with `other` if given; from
+    /// then on the tunnel ends when each Close is answered (or its source ends).
+    fn start_close(&mut self, side: Side, code: u16, other: Option<u16>) {
+        self.half_toward(side).close(code);
+        let opposite = match side {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        };
+        let half = self.half_toward(opposite);
+        match other {
+            Some(code) => half.close(code),
+            None => half.closing = true,
+        }
+    }
+
+    /// `side` answers nothing: the live side is sent Close 1001 if its stream is at a frame
+    /// boundary (true), else there is nothing polite left to do (false).
+    fn give_up_on(&mut self, side: Side) -> bool {
+        let (from_dead, to_dead) = match side {
+            Side::Client => (&mut self.up, &mut self.down),
+            Side::Upstream => (&mut self.down, &mut self.up),
+        };
+        if !from_dead.at_boundary() {
+            return false;
+        }
+        from_dead.close(frame::close_code::GOING_AWAY);
+        from_dead.source_gone = true;
+        to_dead.done = true;
+        true
+    }
+}
+
+impl<A, B> Splice<A, B>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        let mut heard = [false; 2];
+        let was_open = self.first_eof.is_none();
+        if !self.up.done {
+            let last = self.down.done;
+            let polled = self.up.poll(
+                cx,
+                &mut self.client,
+                &mut self.upstream,
+                last,
+                &mut heard[0],
+            );
+            if let Poll::Ready(result) = polled {
+                if let Err(err) = result {
+                    return Poll::Ready(Event::Finished(Err((ClosedBy::Client, err))));
+                }
+                self.first_eof.get_or_insert(ClosedBy::Client);
+            }
+        }
+        if !self.down.done {
+            let last = self.up.done;
+            let polled = self.down.poll(
+                cx,
+                &mut self.upstream,
+                &mut self.client,
+                last,
+                &mut heard[1],
+            );
+            if let Poll::Ready(result) = polled {
+                if let Err(err) = result {
+                    return Poll::Ready(Event::Finished(Err((ClosedBy::Upstream, err))));
+                }
+                self.first_eof.get_or_insert(ClosedBy::Upstream);
+            }
+        }
+        if heard[0] || heard[1] {
+            let now = Instant::now();
+            for (at, heard) in self.heard.iter_mut().zip(heard) {
+                if heard {
+                    *at = now;
+                }
+            }
+        }
+        if let Some(violation) = self.up.violation.take() {
+            return Poll::Ready(Event::Violation(Side::Client, violation));
+        }
+        if let Some(violation) = self.down.violation.take() {
+            return Poll::Ready(Event::Violation(Side::Upstream, violation));
+        }
+        if self.up.done && self.down.done {
+            Poll::Ready(Event::Finished(Ok(())))
+        } else if was_open && self.first_eof.is_some() {
+            Poll::Ready(Event::HalfClosed)
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// One direction's state. `pending` is empty (and unallocated) unless the destination was
+/// slow or wsgate changed what a read carried.
+struct Half {
+    pending: Vec<u8>,
+    written: usize,
+    read_done: bool,
+    done: bool,
+    unflushed: bool,
+    /// Read from the source.
+    bytes: u64,
+    /// `None` for an opaque tunnel.
+    watch: Option<Watch>,
+    /// wsgate is closing the tunnel: this direction ends once its Close has gone and the
+    /// source's has come (or the source is gone).
+    closing: bool,
+    source_gone: bool,
+    violation: Option<Violation>,
+}
+
+impl Half {
+    fn new(from: Side, options: &Options, early: &[u8]) -> Half {
+        let watch = options.frames.map(|frames| {
+            Watch::new(Rules {
+                from,
+                max_frame: frames.max_frame,
+                max_message: frames.max_message,
+                strict: frames.strict,
+                deflate: frames.deflate,
+                pinged: frames
+                    .keepalive
+                    .is_some_and(|k| from == Side::Client || k.upstream),
+            })
+        });
+        let mut half = Half {
+            pending: Vec::new(),
+            written: 0,
+            read_done: false,
+            done: false,
+            unflushed: false,
+            bytes: early.len() as u64,
+            watch,
+            closing: false,
+            source_gone: false,
+            violation: None,
+        };
+        // Copied out so that hyper's read buffer, which `Bytes` would pin, is freed now.
+        half.pending = match half.watch.as_mut().map(|watch| watch.scan(early)) {
+            Some((edited, violation)) => {
+                half.violation = violation;
+                edited.unwrap_or_else(|| early.to_vec())
+            }
+            None => early.to_vec(),
+        };
+        half
+    }
+
+    fn direction(&self) -> Direction {
+        Direction {
+            bytes: self.bytes,
+            frames: self.watch.as_ref().map(|watch| watch.counts),
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.watch
+            .as_ref()
+            .is_some_and(|watch| watch.at_boundary() && !watch.close_sent)
+    }
+
+    /// Queues a Ping; false when this direction already carried a Close (nothing may follow).
+    fn ping(&mut self) -> bool {
+        match &mut self.watch {
+            Some(watch) if !watch.close_sent => {
+                watch.inject.get_or_insert(Control::Ping);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn close(&mut self, code: u16) {
+        self.closing = true;
+        if let Some(watch) = &mut self.watch {
+            if !watch.close_sent {
+                watch.inject = Some(Control::Close(code));
+            }
+        }
+    }
+
+    fn close_complete(&self) -> bool {
+        self.closing
+            && self.watch.as_ref().is_some_and(|watch| {
+                watch.close_sent
+                    && (watch.close_heard || self.source_gone)
+                    && watch.inject.is_none()
+            })
+    }
+
+    /// Ready once this direction saw EOF (or finished wsgate's close handshake), delivered
+    /// everything and shut the writer down. `last`: the other direction is over, so both
+    /// sockets close as soon as this one ends, and closing sends the FIN: an explicit
+    /// shutdown would be a wasted syscall.
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+        last: bool,
+        heard: &mut bool,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            while self.written < self.pending.len() {
+                let n =
+                    ready!(Pin::new(&mut *writer).poll_write(cx, &self.pending[self.written..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.written += n;
+                self.unflushed = true;
+            }
+            if !self.pending.is_empty() {
+                // Release the backlog's memory; an idle tunnel keeps nothing.
+                self.pending = Vec::new();
+                self.written = 0;
+            }
+            if let Some(watch) = self.watch.as_mut().filter(|w| w.inject.is_some()) {
+                watch.inject_now(&mut self.pending);
+                if !self.pending.is_empty() {
+                    continue;
+                }
+            }
+            if self.read_done || self.close_complete() {
+                // The peer may already be gone; its write side is closed either way.
+                let _ = if last {
+                    // Buffering writers (TLS, HTTP/2) must still hand over what they hold.
+                    ready!(Pin::new(&mut *writer).poll_flush(cx))
+                } else {
+                    ready!(Pin::new(&mut *writer).poll_shutdown(cx))
+                };
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            let step = SCRATCH.with_borrow_mut(|scratch| {
+                let mut buf = ReadBuf::new(scratch);
+                match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+                    Poll::Ready(Ok(())) => Poll::Ready(Ok(self.forward(cx, writer, buf.filled()))),
+                }
+            });
+            match step {
+                Poll::Ready(Ok(Ok(true))) => *heard = true,
+                Poll::Ready(Ok(Ok(false))) => self.read_done = true,
+                Poll::Ready(Ok(Err(err))) | Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => {
+                    if self.unflushed {
+                        // TCP flushes are free; TLS and HTTP/2 writers may hold bytes back.
+                        if let Poll::Ready(result) = Pin::new(&mut *writer).poll_flush(cx) {
+                            result?;
+                            self.unflushed = false;
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// Passes freshly read `data` on: unchanged straight through, or as the watch rewrote it.
+    /// `Ok(false)` means EOF.
+    fn forward<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: &mut W,
+        data: &[u8],
+    ) -> io::Result<bool> {
+        if data.is_empty() {
+            return Ok(false);
+        }
+        self.bytes += data.len() as u64;
+        if let Some(watch) = &mut self.watch {
+            let (edited, violation) = watch.scan(data);
+            self.violation = self.violation.or(violation);
+            if let Some(edited) = edited {
+                // Rare (a Ping or Close inserted, a Pong or refused frame taken out): the
+                // backlog path writes it.
+                self.pending = edited;
+                self.written = 0;
+                return Ok(true);
+            }
+        }
+        self.write_through(cx, writer, data)?;
+        Ok(true)
+    }
+
+    /// Writes `data` on, keeping what the writer refused.
+    fn write_through<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        writer: &mut W,
+        data: &[u8],
+    ) -> io::Result<()> {
+        let taken = match Pin::new(&mut *writer).poll_write(cx, data) {
+            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(err)) => return Err(err),
+            Poll::Pending => 0,
+        };
+        self.unflushed |= taken > 0;
+        self.pending.extend_from_slice(&data[taken..]);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
