@@ -9,4 +9,5 @@ mod errors;
 mod http;
 mod shutdown;
 mod tls;
+mod upstream_tls;
 mod websocket;
