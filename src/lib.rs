@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //!
-//! - `config`: the TOML file, validated into the types every other module shares.
+//! - `config`: the TOML file, validated once into the typed values every other module shares.
 //! - `server`: binds the listeners, serves, turns a shutdown into a drain.
 //! - `listener`: the accept loop, the TLS step, and the hyper connection for each client.
 //! - `tls`: certificates by SNI, rustls server configs, the bounded handshake.
@@ -12,6 +12,9 @@
 //! - `websocket`: handshake validation, and the tunnel that splices upgraded connections.
 //! - `shutdown`: the drain signal and the trackers that count what is still running.
 //! - `telemetry`: logging setup.
+//!
+//! `ARCHITECTURE.md` at the repository root has who uses whom, the life of a request and of a
+//! tunnel, and the rules that hold everywhere (config is parsed in one place, once).
 
 pub mod config;
 mod listener;

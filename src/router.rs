@@ -137,7 +137,7 @@ impl Router {
                         upstream: *upstream,
                     },
                     Action::Respond { status, body } => Target::Respond {
-                        status: http::StatusCode::from_u16(*status).expect("validated status code"),
+                        status: *status,
                         body: Bytes::from(body.clone()),
                     },
                 },
@@ -179,7 +179,7 @@ mod tests {
                 .collect(),
             path: path.into(),
             action: Action::Respond {
-                status: 200,
+                status: http::StatusCode::OK,
                 body: String::new(),
             },
             upgrades: Vec::new(),

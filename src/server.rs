@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use http::{HeaderName, HeaderValue};
 use tokio::net::TcpListener;
 
 use crate::config::{self, Config};
@@ -77,16 +76,11 @@ fn policy(listener: &config::Listener) -> ListenerPolicy {
             port: r.port,
             except: r.except.clone(),
         }),
-        hsts: listener
-            .tls
-            .as_ref()
-            .and_then(|tls| tls.hsts.as_deref())
-            .and_then(|hsts| HeaderValue::from_str(hsts).ok()),
+        hsts: listener.tls.as_ref().and_then(|tls| tls.hsts.clone()),
         client_identity_header: listener
             .tls
             .as_ref()
-            .and_then(|tls| tls.client_auth.as_ref()?.identity_header.as_deref())
-            .and_then(|name| HeaderName::from_bytes(name.as_bytes()).ok()),
+            .and_then(|tls| tls.client_auth.as_ref()?.identity_header.clone()),
     }
 }
 

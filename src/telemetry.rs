@@ -1,5 +1,9 @@
 //! Logging setup, and how errors are written into one log line.
 
+use std::ffi::OsString;
+use std::io::IsTerminal;
+
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::Log;
@@ -9,11 +13,34 @@ pub fn init(log: &Log) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|directives| directives.parse::<EnvFilter>().ok())
-        .unwrap_or_else(|| EnvFilter::new(&log.level));
+        .unwrap_or_else(|| configured_filter(log));
+    let ansi = use_ansi(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR"),
+    );
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .try_init();
+}
+
+/// Colour is for a person at a terminal: a file, journald or a pipe gets plain lines that
+/// grep and log shippers can read. A non-empty `NO_COLOR` (no-color.org) turns it off anyway.
+pub fn use_ansi(is_terminal: bool, no_color: Option<OsString>) -> bool {
+    is_terminal && no_color.is_none_or(|value| value.is_empty())
+}
+
+/// The filter from `[log] level`, from directives `config::validate` already parsed. As with
+/// `EnvFilter::new`, no directive at all means errors only.
+fn configured_filter(log: &Log) -> EnvFilter {
+    if log.level.is_empty() {
+        return EnvFilter::default().add_directive(LevelFilter::ERROR.into());
+    }
+    log.level
+        .iter()
+        .cloned()
+        .fold(EnvFilter::default(), EnvFilter::add_directive)
 }
 
 /// `a: b: c` from an error and its sources, for one-line logs.
@@ -26,4 +53,29 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        let cases = [
+            (true, None, true),
+            (true, Some(""), true),
+            (true, Some("1"), false),
+            (true, Some("0"), false),
+            (false, None, false),
+            (false, Some(""), false),
+            (false, Some("1"), false),
+        ];
+        for (is_terminal, no_color, want) in cases {
+            assert_eq!(
+                use_ansi(is_terminal, no_color.map(OsString::from)),
+                want,
+                "terminal {is_terminal}, NO_COLOR {no_color:?}"
+            );
+        }
+    }
 }

@@ -1,7 +1,9 @@
 //! The validated configuration: the vocabulary every other module shares.
 //!
 //! `load` reads a file, `parse` checks text; both return every problem found, each located as
-//! `file:line:col`. A `Config` that exists is one the gateway can run.
+//! `file:line:col`. A `Config` that exists is one the gateway can run, and its values are
+//! already what the runtime uses (header names and values, status codes, TLS server names,
+//! addresses): nothing downstream parses config text again, so nothing can fail there.
 
 mod raw;
 mod validate;
@@ -10,6 +12,10 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, StatusCode};
+use rustls_pki_types::ServerName;
+use tracing_subscriber::filter::Directive;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -25,8 +31,8 @@ pub struct Config {
 
 #[derive(Debug, Clone)]
 pub struct Log {
-    /// A tracing filter directive such as `info` or `wsgate=debug`.
-    pub level: String,
+    /// The tracing filter, e.g. `info` or `wsgate=debug,info`, one directive per comma.
+    pub level: Vec<Directive>,
     /// One line per proxied request (tunnels always log their close).
     pub access: bool,
 }
@@ -120,7 +126,7 @@ pub struct Tls {
     /// How often the certificate and key files are checked for changes (and reloaded).
     pub watch_interval: Duration,
     /// `Strict-Transport-Security` value added to every response of this listener.
-    pub hsts: Option<String>,
+    pub hsts: Option<HeaderValue>,
     pub client_auth: Option<ClientAuth>,
 }
 
@@ -132,7 +138,7 @@ pub struct ClientAuth {
     pub optional: bool,
     /// Carries the verified identity to the upstream; a client's own header of that name
     /// is always removed.
-    pub identity_header: Option<String>,
+    pub identity_header: Option<HeaderName>,
 }
 
 /// PEM files, resolved against the config file's folder.
@@ -228,7 +234,7 @@ pub enum Action {
     /// Forward to the upstream with this index in `Config::upstreams`.
     Proxy { upstream: usize },
     /// Answer directly, like nginx `return` or Caddy `respond`.
-    Respond { status: u16, body: String },
+    Respond { status: StatusCode, body: String },
 }
 
 #[derive(Debug, Clone)]
@@ -261,36 +267,24 @@ pub enum Balance {
 pub struct Server {
     pub address: ServerAddress,
     pub weight: u32,
-    /// `https://` or `wss://`: spoken to over TLS.
-    pub tls: bool,
-}
-
-impl Server {
-    /// The host name or IP the server is addressed by (its TLS server name).
-    pub fn host(&self) -> String {
-        match &self.address {
-            ServerAddress::Ip(addr) => addr.ip().to_string(),
-            ServerAddress::Name(name) => name
-                .rsplit_once(':')
-                .map_or(name.as_str(), |(h, _)| h)
-                .to_owned(),
-        }
-    }
+    /// `https://` or `wss://`: spoken to over TLS, with this name sent as SNI and verified.
+    /// `None` is plain TCP; a TLS server without a name cannot be written down.
+    pub tls: Option<ServerName<'static>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerAddress {
     /// An IP literal, connected to without a lookup.
     Ip(SocketAddr),
-    /// `host:port`, resolved at each new connection.
-    Name(String),
+    /// A host name, resolved at each new connection.
+    Name { host: String, port: u16 },
 }
 
 impl fmt::Display for ServerAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ServerAddress::Ip(addr) => addr.fmt(f),
-            ServerAddress::Name(name) => f.write_str(name),
+            ServerAddress::Name { host, port } => write!(f, "{host}:{port}"),
         }
     }
 }

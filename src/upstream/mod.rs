@@ -115,7 +115,9 @@ impl Endpoint {
         let connecting = async {
             match &self.address {
                 ServerAddress::Ip(addr) => TcpStream::connect(addr).await,
-                ServerAddress::Name(name) => TcpStream::connect(name.as_str()).await,
+                ServerAddress::Name { host, port } => {
+                    TcpStream::connect((host.as_str(), *port)).await
+                }
             }
         };
         let stream = match tokio::time::timeout(after, connecting).await {
@@ -185,51 +187,39 @@ pub struct SetupError {
 impl UpstreamGroup {
     pub fn new(config: &config::Upstream) -> Result<UpstreamGroup, SetupError> {
         let weights: Vec<u32> = config.servers.iter().map(|s| s.weight).collect();
-        let connector = if config.servers.iter().any(|s| s.tls) {
-            if config.tls.insecure_skip_verify {
-                tracing::warn!(
-                    upstream = %config.name,
-                    "TLS certificate verification is off for this upstream (insecure_skip_verify)"
-                );
-            }
-            let client = tls::upstream_client_config(&config.tls).map_err(|source| SetupError {
-                upstream: config.name.clone(),
-                source,
-            })?;
-            Some(TlsConnector::from(client))
-        } else {
-            None
-        };
+        // Built once, for the first TLS server: a group without one needs no CA bundle.
+        let mut connector: Option<TlsConnector> = None;
+        let mut endpoints = Vec::with_capacity(config.servers.len());
+        for server in &config.servers {
+            let tls = match &server.tls {
+                None => None,
+                Some(name) => {
+                    let connector = match &connector {
+                        Some(connector) => connector,
+                        None => connector.insert(tls_connector(config)?),
+                    };
+                    Some(Tls {
+                        connector: connector.clone(),
+                        name: name.clone(),
+                    })
+                }
+            };
+            endpoints.push(Arc::new(Endpoint {
+                label: match tls {
+                    Some(_) => format!("https://{}", server.address),
+                    None => server.address.to_string(),
+                },
+                address: server.address.clone(),
+                tls,
+                active: AtomicUsize::new(0),
+                tunnels: AtomicUsize::new(0),
+                pool: Pool::default(),
+            }));
+        }
         Ok(UpstreamGroup {
             name: config.name.clone(),
             balance: config.balance,
-            endpoints: config
-                .servers
-                .iter()
-                .map(|server| {
-                    let tls = connector
-                        .as_ref()
-                        .filter(|_| server.tls)
-                        .and_then(|connector| {
-                            Some(Tls {
-                                connector: connector.clone(),
-                                name: ServerName::try_from(server.host()).ok()?,
-                            })
-                        });
-                    Arc::new(Endpoint {
-                        label: if server.tls {
-                            format!("https://{}", server.address)
-                        } else {
-                            server.address.to_string()
-                        },
-                        address: server.address.clone(),
-                        tls,
-                        active: AtomicUsize::new(0),
-                        tunnels: AtomicUsize::new(0),
-                        pool: Pool::default(),
-                    })
-                })
-                .collect(),
+            endpoints,
             sequence: balance::smooth_weighted_sequence(&weights),
             weights,
             next: AtomicUsize::new(0),
@@ -257,28 +247,38 @@ impl UpstreamGroup {
     pub async fn connect(&self, timeouts: &Timeouts) -> Result<Lease, Error> {
         let first = self.pick();
         let count = self.endpoints.len();
-        let mut last_error = None;
-        for offset in 0..count {
+        let mut offset = 0;
+        loop {
             let endpoint = &self.endpoints[(first + offset) % count];
             // Counted before connecting, so concurrent least-connections picks see it.
             let mut lease = Lease::new(endpoint.clone(), timeouts);
             match lease.checkout().await {
                 Ok(()) => return Ok(lease),
-                Err(err) => {
-                    if offset + 1 < count {
-                        tracing::warn!(
-                            upstream = %self.name,
-                            server = %endpoint.label,
-                            error = %error_chain(&err),
-                            "upstream server failed, trying the next one"
-                        );
-                    }
-                    last_error = Some(err);
-                }
+                Err(err) if offset + 1 < count => tracing::warn!(
+                    upstream = %self.name,
+                    server = %endpoint.label,
+                    error = %error_chain(&err),
+                    "upstream server failed, trying the next one"
+                ),
+                Err(err) => return Err(err),
             }
+            offset += 1;
         }
-        Err(last_error.expect("validated upstreams have servers"))
     }
+}
+
+fn tls_connector(config: &config::Upstream) -> Result<TlsConnector, SetupError> {
+    if config.tls.insecure_skip_verify {
+        tracing::warn!(
+            upstream = %config.name,
+            "TLS certificate verification is off for this upstream (insecure_skip_verify)"
+        );
+    }
+    let client = tls::upstream_client_config(&config.tls).map_err(|source| SetupError {
+        upstream: config.name.clone(),
+        source,
+    })?;
+    Ok(TlsConnector::from(client))
 }
 
 /// A claim on one server for one request, and then its response body or tunnel.

@@ -7,6 +7,8 @@ mod browser;
 mod config;
 mod errors;
 mod http;
+mod logs;
 mod shutdown;
 mod tls;
+mod upstream_tls;
 mod websocket;

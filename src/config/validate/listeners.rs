@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use http::{HeaderName, HeaderValue};
 use toml::Spanned;
 
 use super::Validator;
@@ -112,14 +113,17 @@ impl Validator<'_> {
             false,
         );
         let identity_header = raw.client_identity_header.as_ref().and_then(|header| {
-            let valid = http::HeaderName::from_bytes(header.get_ref().as_bytes()).is_ok();
-            if !valid {
-                self.error(
-                    header.span(),
-                    format!("invalid header name {:?}", header.get_ref()),
-                );
+            // Lowercased, as HTTP/2 requires.
+            match HeaderName::from_bytes(header.get_ref().as_bytes()) {
+                Ok(name) => Some(name),
+                Err(_) => {
+                    self.error(
+                        header.span(),
+                        format!("invalid header name {:?}", header.get_ref()),
+                    );
+                    None
+                }
             }
-            valid.then(|| header.get_ref().to_ascii_lowercase())
         });
         let Some(ca) = &raw.client_ca else {
             if let Some(span) = raw
@@ -181,16 +185,15 @@ impl Validator<'_> {
             unknown_sni,
             min_version,
             watch_interval: self.duration(raw.watch_interval, Duration::from_secs(10)),
-            hsts: raw.hsts.and_then(|hsts| {
-                let valid = hsts.get_ref().contains("max-age=")
-                    && http::HeaderValue::from_str(hsts.get_ref()).is_ok();
-                if !valid {
+            hsts: raw.hsts.and_then(|hsts| match HeaderValue::from_str(hsts.get_ref()) {
+                Ok(value) if hsts.get_ref().contains("max-age=") => Some(value),
+                _ => {
                     self.error(
                         hsts.span(),
                         format!("invalid hsts {:?}: expected e.g. \"max-age=31536000; includeSubDomains\"", hsts.get_ref()),
                     );
+                    None
                 }
-                valid.then(|| hsts.into_inner())
             }),
             client_auth,
         })

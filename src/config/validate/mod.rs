@@ -13,6 +13,7 @@ mod websocket;
 use std::ops::Range;
 
 use toml::Spanned;
+use tracing_subscriber::filter::{Directive, LevelFilter};
 
 use super::raw;
 use super::{Config, Diagnostic, Limits, Location, Log, Timeouts};
@@ -105,9 +106,17 @@ impl Validator<'_> {
 
     fn log(&mut self, raw: raw::Log) -> Log {
         let level = match raw.level {
-            None => "info".to_owned(),
-            Some(level) => {
-                if let Err(err) = level.get_ref().parse::<tracing_subscriber::EnvFilter>() {
+            None => vec![LevelFilter::INFO.into()],
+            // Split the way `EnvFilter` splits, so the error is the one it would give.
+            Some(level) => match level
+                .get_ref()
+                .split(',')
+                .filter(|directive| !directive.is_empty())
+                .map(str::parse::<Directive>)
+                .collect()
+            {
+                Ok(directives) => directives,
+                Err(err) => {
                     self.error(
                         level.span(),
                         format!(
@@ -115,9 +124,9 @@ impl Validator<'_> {
                             level.get_ref()
                         ),
                     );
+                    Vec::new()
                 }
-                level.into_inner()
-            }
+            },
         };
         Log {
             level,

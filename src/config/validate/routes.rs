@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 
+use http::StatusCode;
 use toml::Spanned;
 
 use super::helpers::{is_token_byte, known_list};
@@ -75,15 +76,19 @@ impl Validator<'_> {
                 }
                 (None, Some(respond)) => {
                     let status = respond.get_ref().status.get_ref();
-                    if !(200..=599).contains(status) {
+                    let valid = u16::try_from(*status)
+                        .ok()
+                        .filter(|code| (200..=599).contains(code))
+                        .and_then(|code| StatusCode::from_u16(code).ok());
+                    let Some(status) = valid else {
                         self.error(
                             respond.get_ref().status.span(),
                             format!("route {name:?}: respond status {status} must be between 200 and 599"),
                         );
                         continue;
-                    }
+                    };
                     Action::Respond {
-                        status: *status as u16,
+                        status,
                         body: respond.get_ref().body.clone(),
                     }
                 }

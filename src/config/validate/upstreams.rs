@@ -3,6 +3,8 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 
+use rustls_pki_types::ServerName;
+
 use super::Validator;
 use crate::config::raw;
 use crate::config::{Balance, CertificateFiles, Server, ServerAddress, Upstream, UpstreamTls};
@@ -122,23 +124,37 @@ impl Validator<'_> {
             Some(("http" | "ws", rest)) => (false, rest),
             _ => (false, address),
         };
-        match parse_server_address(host_port) {
-            Some(address) => Some(Server {
-                address,
-                weight,
-                tls,
-            }),
-            None => {
-                self.error(
-                    raw.span(),
-                    format!("upstream {upstream:?}: invalid server address {address:?}: expected host:port, e.g. \"127.0.0.1:9000\""),
-                );
-                None
+        let Some(parsed) = parse_server_address(host_port) else {
+            self.error(
+                raw.span(),
+                format!("upstream {upstream:?}: invalid server address {address:?}: expected host:port, e.g. \"127.0.0.1:9000\""),
+            );
+            return None;
+        };
+        let tls = if tls {
+            match tls_server_name(&parsed) {
+                Ok(name) => Some(name),
+                Err(host) => {
+                    self.error(
+                        raw.span(),
+                        format!("upstream {upstream:?}: server {address:?}: {host:?} is not a valid TLS server name (use a DNS name or an IP address)"),
+                    );
+                    return None;
+                }
             }
-        }
+        } else {
+            None
+        };
+        Some(Server {
+            address: parsed,
+            weight,
+            tls,
+        })
     }
 }
 
+/// `ip:port`, `[ipv6]:port` or `name:port`. A name is anything getaddrinfo may resolve,
+/// `127.1` included; only TLS asks more of it (`tls_server_name`).
 fn parse_server_address(address: &str) -> Option<ServerAddress> {
     if let Ok(addr) = address.parse::<SocketAddr>() {
         return Some(ServerAddress::Ip(addr));
@@ -148,8 +164,23 @@ fn parse_server_address(address: &str) -> Option<ServerAddress> {
         && host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
-    (host_ok && port.parse::<u16>().is_ok_and(|p| p != 0))
-        .then(|| ServerAddress::Name(address.to_owned()))
+    let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
+    host_ok.then(|| ServerAddress::Name {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+/// The name a TLS server is sent as SNI and verified against: an IP literal as it is, a host
+/// name if it is a valid DNS name. rustls refuses all-numeric names such as `127.1` or
+/// `1.2.3`, which getaddrinfo would read as IPv4 shorthand; the host is returned then.
+fn tls_server_name(address: &ServerAddress) -> Result<ServerName<'static>, &str> {
+    match address {
+        ServerAddress::Ip(addr) => Ok(ServerName::from(addr.ip())),
+        ServerAddress::Name { host, .. } => {
+            ServerName::try_from(host.clone()).map_err(|_| host.as_str())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -171,7 +202,10 @@ mod tests {
         );
         assert_eq!(
             servers[1].address,
-            ServerAddress::Name("localhost:9001".into())
+            ServerAddress::Name {
+                host: "localhost".into(),
+                port: 9001
+            }
         );
         assert_eq!(servers[1].weight, 3);
         assert_eq!(config.upstreams[0].balance, Balance::RoundRobin);
@@ -181,5 +215,49 @@ mod tests {
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(errs[0].contains("weight must be an integer from 1 to 100"));
         assert!(errs[1].contains("invalid server address \"nope\""));
+    }
+
+    #[test]
+    fn tls_servers_carry_their_server_name_and_refuse_what_is_not_one() {
+        let text = format!(
+            "{LISTENER}[[upstream]]\nname = \"app\"\nservers = [\"https://LocalHost:1\", \"wss://127.0.0.1:2\", \"https://[::1]:3\", \"http://127.1:4\", \"127.1:5\"]\n"
+        );
+        let config = validate(&text, "t.toml").unwrap();
+        let names: Vec<_> = config.upstreams[0]
+            .servers
+            .iter()
+            .map(|s| s.tls.clone())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                Some(ServerName::try_from("LocalHost").unwrap()),
+                Some(ServerName::from(
+                    "127.0.0.1".parse::<std::net::IpAddr>().unwrap()
+                )),
+                Some(ServerName::from("::1".parse::<std::net::IpAddr>().unwrap())),
+                None,
+                None,
+            ]
+        );
+        // Plain servers may use any name getaddrinfo resolves, IPv4 shorthand included.
+        assert_eq!(
+            config.upstreams[0].servers[3].address,
+            ServerAddress::Name {
+                host: "127.1".into(),
+                port: 4
+            }
+        );
+
+        let text = format!(
+            "{LISTENER}[[upstream]]\nname = \"app\"\nservers = [\"https://127.1:29991\", {{ address = \"wss://1.2.3:1\" }}]\n"
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                "t.toml:6:12: upstream \"app\": server \"https://127.1:29991\": \"127.1\" is not a valid TLS server name (use a DNS name or an IP address)",
+                "t.toml:6:35: upstream \"app\": server \"wss://1.2.3:1\": \"1.2.3\" is not a valid TLS server name (use a DNS name or an IP address)",
+            ]
+        );
     }
 }

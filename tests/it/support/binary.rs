@@ -49,7 +49,8 @@ fn command(args: &[&str]) -> Command {
     command
         .args(args)
         .env_remove("RUST_LOG")
-        .env("NO_COLOR", "1")
+        // Left to wsgate to see that stderr is a pipe: every log line a test reads proves it.
+        .env_remove("NO_COLOR")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -115,7 +116,7 @@ impl Gateway {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if tx.send(strip_ansi(&line)).is_err() {
+                if tx.send(line).is_err() {
                     break;
                 }
             }
@@ -225,23 +226,4 @@ pub fn wait_until_connectable(addr: SocketAddr) {
         std::thread::sleep(POLL);
     }
     panic!("{addr} never accepted a connection");
-}
-
-/// Removes terminal colour codes, in case the logger adds them anyway.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // Skip `[` ... up to the final letter.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
