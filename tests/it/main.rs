@@ -6,6 +6,7 @@ mod support;
 mod browser;
 mod config;
 mod errors;
+mod frames;
 mod http;
 mod logs;
 mod shutdown;

@@ -353,6 +353,66 @@ async fn websockets_over_one_http2_connection() {
     eventually("tunnels closed", || stats.tunnels_open.load(SeqCst) == 0).await;
 }
 
+/// Shutdown closes a WebSocket that is an HTTP/2 stream the way it closes one over HTTP/1.1:
+/// Close 1001 to the client on its stream and to the backend, then the close handshakes.
+#[tokio::test]
+async fn shutdown_sends_close_1001_to_websockets_over_http2() {
+    use hyper::ext::Protocol;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::WebSocketStream;
+
+    let mut backend = WsBackend::start("a").await;
+    let site = site();
+    let rest = format!(
+        "[timeouts]\ndrain = \"60s\"\n\n{}",
+        proxy_config(&[backend.addr])
+    );
+    let mut gw = TestGateway::start(&tls_config(&[&site.exact], "", &rest)).await;
+    let stream = tls_connect(gw.addr, "a.test", site.pki.client_config(&[b"h2"]))
+        .await
+        .unwrap();
+    let mut sender = h2_with_extended_connect(stream).await;
+    let mut request = Request::connect("https://a.test/chat")
+        .header("sec-websocket-version", "13")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    request
+        .extensions_mut()
+        .insert(Protocol::from_static("websocket"));
+    let mut response = within(WAIT, sender.send_request(request)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let upgraded = within(WAIT, hyper::upgrade::on(&mut response))
+        .await
+        .expect("stream upgraded");
+    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+    within(WAIT, ws.send(Message::Text("before".into())))
+        .await
+        .unwrap();
+    let echo = within(WAIT, ws.next()).await.expect("an echo").unwrap();
+    assert_eq!(echo, Message::Text("before".into()));
+
+    let started = std::time::Instant::now();
+    gw.begin_shutdown().await;
+    let close = loop {
+        match within(WAIT, ws.next()).await {
+            Some(Ok(Message::Ping(_))) => continue,
+            other => break other,
+        }
+    };
+    match close {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("expected Close 1001 on the stream, got {other:?}"),
+    }
+    let backend_close = backend.next_close().await.expect("a close code");
+    assert_eq!(u16::from(backend_close.code), 1001);
+    let end = within(WAIT, ws.next()).await;
+    assert!(matches!(end, None | Some(Err(_))), "{end:?}");
+    drop(ws);
+    drop(sender);
+    gw.finish_shutdown().await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}
+
 #[tokio::test]
 async fn extended_connect_for_another_protocol_gets_501() {
     use hyper::ext::Protocol;

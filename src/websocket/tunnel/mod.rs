@@ -361,13 +361,25 @@ impl Timers {
         if let Some(until) = self.closing_until {
             next = next.min(until);
         }
+        let now = Instant::now();
         for side in [Side::Client, Side::Upstream] {
-            if let Some(keepalive) = self.pinged(side) {
-                next = next.min(match self.pings[side as usize].sent {
-                    None => splice.heard[side as usize] + keepalive.interval,
-                    Some(sent) => sent + keepalive.timeout,
-                });
-            }
+            let Some(keepalive) = self.pinged(side) else {
+                continue;
+            };
+            let heard = splice.heard[side as usize];
+            next = next.min(match self.pings[side as usize].sent {
+                Some(sent) if heard < sent => {
+                    // Hearing back does not re-arm the timer, so look once an interval in
+                    // (the next Ping is due an interval after the answer), then at the timeout.
+                    let look = sent + keepalive.interval.min(keepalive.timeout);
+                    if look > now {
+                        look
+                    } else {
+                        sent + keepalive.timeout
+                    }
+                }
+                _ => heard + keepalive.interval,
+            });
         }
         next
     }

@@ -443,3 +443,26 @@ async fn frames_messages_and_close_codes_are_counted_per_direction() {
         (1, 0, Some(4001))
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn after_an_answer_the_next_ping_comes_one_interval_later_even_with_a_longer_timeout() {
+    let mut t = start(options(FrameOptions {
+        keepalive: Some(Keepalive {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(60),
+            upstream: false,
+        }),
+        ..FrameOptions::default()
+    }));
+    let (_, token) = next_frame(&mut t.client).await;
+    send(&mut t.client, &framed(PONG, &token, Some(MASK))).await;
+    let answered = Instant::now();
+    let (again, _) = next_frame(&mut t.client).await;
+    assert_eq!(again.opcode, PING);
+    let gap = answered.elapsed();
+    assert!(
+        gap >= Duration::from_secs(10) && gap < Duration::from_secs(11),
+        "{gap:?}"
+    );
+    t.task.abort();
+}

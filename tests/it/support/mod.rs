@@ -27,7 +27,9 @@ use wsgate::Server;
 
 pub use backend::HttpBackend;
 pub use client::{empty, full, get, request, Client};
-pub use raw::{dead_address, raw_backend, read_request_head, silent_backend, RawClient};
+pub use raw::{
+    dead_address, raw_backend, read_request_head, silent_backend, upgraded_backend, RawClient,
+};
 pub use ws::{ws_connect, ws_connect_with, WsBackend};
 
 /// The bound for one step of a test. Generous: CI is a noisy 2-core machine, and a test that

@@ -9,6 +9,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 
+use wsgate::websocket::frame;
+
 use super::ws::switching_protocols;
 use super::{within, WAIT};
 
@@ -137,6 +139,23 @@ impl RawClient {
                     "connection closed before a full head; got {:?}",
                     String::from_utf8_lossy(&self.buf)
                 );
+            }
+        }
+    }
+
+    /// The next whole WebSocket frame: its header and its payload, unmasked.
+    pub async fn read_frame(&mut self) -> (frame::Header, Vec<u8>) {
+        loop {
+            if let Some((header, len)) = frame::Header::parse(&self.buf) {
+                let mut payload = self.read_exact(len + header.payload_len as usize).await;
+                payload.drain(..len);
+                if let Some(key) = header.mask {
+                    frame::apply_mask(&mut payload, key, 0);
+                }
+                return (header, payload);
+            }
+            if !self.fill().await {
+                panic!("connection closed before a whole frame header");
             }
         }
     }
@@ -314,6 +333,33 @@ pub async fn early_data_backend(early: Vec<u8>) -> SocketAddr {
         }
     })
     .await
+}
+
+/// A WebSocket backend the test drives byte by byte: each handshake is answered with its 101
+/// (plus `extra` header lines), then the head and the connection are handed to the test.
+pub async fn upgraded_backend(
+    extra: &'static str,
+) -> (SocketAddr, mpsc::UnboundedReceiver<(String, RawClient)>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let addr = raw_backend(move |mut stream| {
+        let tx = tx.clone();
+        async move {
+            let (head, rest) = read_request_head(&mut stream).await;
+            let mut answer = switching_protocols(&head);
+            if !extra.is_empty() {
+                // Before the blank line that ends the head.
+                answer.truncate(answer.len() - 2);
+                answer.push_str(extra);
+                answer.push_str("\r\n\r\n");
+            }
+            if stream.write_all(answer.as_bytes()).await.is_ok() {
+                let _ = stream.set_nodelay(true);
+                let _ = tx.send((head, RawClient { stream, buf: rest }));
+            }
+        }
+    })
+    .await;
+    (addr, rx)
 }
 
 /// The response `refusing_backend` gives to everything.
