@@ -292,7 +292,12 @@ mod tests {
         encode(&mut stream, TEXT, b"hello", Some([9, 8, 7, 6]));
         encode(&mut stream, PING, b"", None);
         encode(&mut stream, BINARY, &[0x88; 300], None);
-        encode_close(&mut stream, close_code::GOING_AWAY, "bye", Some([1, 1, 1, 1]));
+        encode_close(
+            &mut stream,
+            close_code::GOING_AWAY,
+            "bye",
+            Some([1, 1, 1, 1]),
+        );
         let whole = events(&stream, stream.len());
         let ends: Vec<usize> = whole
             .iter()
