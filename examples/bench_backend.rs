@@ -50,6 +50,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use wsgate::websocket::frame::{self, Event, Tracker};
 
 /// Minimal HTTP + WebSocket echo backend for benches/compare.
 #[derive(Debug, Parser)]
@@ -293,77 +294,43 @@ async fn echo_stream(mut stream: impl AsyncRead + AsyncWrite + Unpin) -> io::Res
     }
 }
 
-/// Follows frame headers through the client's byte stream, skipping payloads, to notice a close
-/// frame. Only a header cut across two reads (at most 14 bytes) is kept.
+/// Follows the client's frames through its byte stream, skipping payloads, to notice a close
+/// frame; the tracker keeps at most a header cut across two reads.
 #[derive(Default)]
-struct CloseWatch {
-    /// Payload bytes of the current frame not seen yet.
-    payload_left: u64,
-    /// The current frame is a close frame.
-    in_close: bool,
-    head: [u8; 14],
-    head_len: usize,
-}
+struct CloseWatch(Tracker);
 
 impl CloseWatch {
     /// Returns true once a whole close frame has gone by.
     fn feed(&mut self, mut data: &[u8]) -> bool {
-        const OP_CLOSE: u8 = 0x8;
-        while !data.is_empty() {
-            if self.payload_left > 0 {
-                let skip = self.payload_left.min(data.len() as u64);
-                self.payload_left -= skip;
-                data = &data[skip as usize..];
-                if self.payload_left == 0 && self.in_close {
-                    return true;
-                }
-                continue;
-            }
-            self.head[self.head_len] = data[0];
-            self.head_len += 1;
-            data = &data[1..];
-            if self.head_len < 2 {
-                continue;
-            }
-            let len7 = self.head[1] & 0x7f;
-            let extended = match len7 {
-                126 => 2,
-                127 => 8,
-                _ => 0,
-            };
-            let mask = if self.head[1] & 0x80 != 0 { 4 } else { 0 };
-            if self.head_len < 2 + extended + mask {
-                continue;
-            }
-            self.payload_left = match extended {
-                0 => u64::from(len7),
-                n => self.head[2..2 + n]
-                    .iter()
-                    .fold(0, |acc, b| acc << 8 | u64::from(*b)),
-            };
-            self.in_close = self.head[0] & 0x0f == OP_CLOSE;
-            self.head_len = 0;
-            if self.payload_left == 0 && self.in_close {
-                return true;
+        loop {
+            let closing = self.0.current().is_some_and(|h| h.opcode == frame::CLOSE);
+            let (taken, event) = self.0.advance(data);
+            data = &data[taken..];
+            match event {
+                Some(Event::FrameEnd) if closing => return true,
+                Some(_) => {}
+                // `advance` returns no event only once it has taken all of `data`.
+                None => return false,
             }
         }
-        false
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::CloseWatch;
+    use super::*;
 
     #[test]
     fn close_watch_sees_the_close_frame_only() {
-        // A masked 64-byte binary frame, a masked 300-byte one, then a masked close (status 1000).
-        let mut stream = vec![0x82, 0x80 | 64, 1, 2, 3, 4];
-        stream.extend([0u8; 64]);
-        stream.extend([0x82, 0x80 | 126, 0x01, 0x2c, 1, 2, 3, 4]);
-        stream.extend([0x88; 300]);
+        // A masked 64-byte binary frame, a masked 300-byte one, an empty ping, then a masked
+        // close (status 1000).
+        let key = Some([1, 2, 3, 4]);
+        let mut stream = Vec::new();
+        frame::encode(&mut stream, frame::BINARY, &[0u8; 64], key);
+        frame::encode(&mut stream, frame::BINARY, &[0x88; 300], key);
+        frame::encode(&mut stream, frame::PING, b"", key);
         let close_at = stream.len();
-        stream.extend([0x88, 0x80 | 2, 1, 2, 3, 4, 0x03, 0xe8]);
+        frame::encode_close(&mut stream, frame::close_code::NORMAL, "", key);
         for chunk in [1, 2, 5, 100, stream.len()] {
             let mut watch = CloseWatch::default();
             let mut seen = 0;
@@ -376,6 +343,16 @@ mod tests {
             }
             assert_eq!(end, Some(stream.len()), "chunk size {chunk}");
             assert!(end.unwrap() > close_at);
+        }
+    }
+
+    #[test]
+    fn close_watch_sees_an_empty_close() {
+        let mut stream = Vec::new();
+        frame::encode(&mut stream, frame::CLOSE, b"", Some([9, 9, 9, 9]));
+        for chunk in [1, stream.len()] {
+            let mut watch = CloseWatch::default();
+            assert!(stream.chunks(chunk).any(|piece| watch.feed(piece)));
         }
     }
 }

@@ -60,6 +60,7 @@ use tokio::time::{sleep, sleep_until, Instant};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use wsgate::websocket::frame::{self, Event, Tracker};
 
 /// WebSocket load generator for benches/compare (one thread).
 #[derive(Debug, Parser)]
@@ -212,7 +213,7 @@ async fn run(args: Args) -> io::Result<String> {
     }
     match args.mode {
         Mode::Echo | Mode::EchoRate | Mode::H2Echo => {
-            let frame: Rc<[u8]> = masked_frame(OP_BINARY, size).into();
+            let frame: Rc<[u8]> = binary_frame(size).into();
             // h2_echo: the handle that opened the streams lives as long as they are used.
             let mut _h2 = None;
             let streams = if args.mode == Mode::H2Echo {
@@ -244,9 +245,9 @@ async fn run(args: Args) -> io::Result<String> {
             }
         }
         Mode::Bulk => {
-            let frame_len = masked_frame(OP_BINARY, size).len();
+            let frame_len = binary_frame(size).len();
             let count = (args.inflight / frame_len).max(1);
-            let frames: Rc<[u8]> = masked_frame(OP_BINARY, size).repeat(count).into();
+            let frames: Rc<[u8]> = binary_frame(size).repeat(count).into();
             let streams = open_all(&upgrade, args.conns).await?;
             for stream in streams {
                 let task = bulk_conn(
@@ -265,7 +266,7 @@ async fn run(args: Args) -> io::Result<String> {
                 .num("mb_per_s", stats.bytes.get() as f64 / window.secs / 1e6);
         }
         Mode::Handshake => {
-            let close: Rc<[u8]> = masked_close_frame().into();
+            let close: Rc<[u8]> = close_frame().into();
             for _ in 0..args.conns {
                 let task = handshake_loop(upgrade.clone(), close.clone(), stats.clone());
                 tokio::task::spawn_local(task);
@@ -446,101 +447,42 @@ fn nofile_soft_limit() -> Option<u64> {
 // ---------------------------------------------------------------------------------------------
 // WebSocket wire format, prepared once
 
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
 /// Clients must mask; the key is fixed because the backend never unmasks.
 const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
-/// A final client frame of `len` payload bytes, masked.
-fn masked_frame(opcode: u8, len: usize) -> Vec<u8> {
+/// A final masked binary client frame of `len` payload bytes.
+fn binary_frame(len: usize) -> Vec<u8> {
     let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
-    masked_frame_with(opcode, &payload)
+    let mut out = Vec::new();
+    frame::encode(&mut out, frame::BINARY, &payload, Some(MASK));
+    out
 }
 
-fn masked_frame_with(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(payload.len() + 14);
-    frame.push(0x80 | opcode);
-    match payload.len() {
-        len @ 0..=125 => frame.push(0x80 | len as u8),
-        len @ 126..=0xffff => {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        len => {
-            frame.push(0x80 | 127);
-            frame.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-    }
-    frame.extend_from_slice(&MASK);
-    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
-    frame
+/// A masked close frame with status 1000 (normal closure) and no reason.
+fn close_frame() -> Vec<u8> {
+    let mut out = Vec::new();
+    frame::encode_close(&mut out, frame::close_code::NORMAL, "", Some(MASK));
+    out
 }
 
-/// A close frame with status 1000 (normal closure).
-fn masked_close_frame() -> Vec<u8> {
-    masked_frame_with(OP_CLOSE, &1000u16.to_be_bytes())
-}
-
-/// Finds frame boundaries in a byte stream without copying payloads: only the (at most 14)
-/// header bytes of a frame cut across two reads are kept.
-#[derive(Default)]
-struct FrameCounter {
-    /// Payload bytes still to skip in the current frame.
-    payload_left: u64,
-    head: [u8; 14],
-    head_len: usize,
-}
-
-impl FrameCounter {
-    /// Returns how many frames ended within `data`.
-    fn feed(&mut self, mut data: &[u8]) -> io::Result<u64> {
-        let mut frames = 0;
-        while !data.is_empty() {
-            if self.payload_left > 0 {
-                let skip = self.payload_left.min(data.len() as u64);
-                self.payload_left -= skip;
-                data = &data[skip as usize..];
-                if self.payload_left == 0 {
-                    frames += 1;
-                }
-                continue;
-            }
-            // A header: FIN/opcode, MASK/len7, then 0, 2 or 8 length bytes and 0 or 4 mask bytes.
-            self.head[self.head_len] = data[0];
-            self.head_len += 1;
-            data = &data[1..];
-            if self.head_len < 2 {
-                continue;
-            }
-            let len7 = self.head[1] & 0x7f;
-            let extended = match len7 {
-                126 => 2,
-                127 => 8,
-                _ => 0,
-            };
-            let mask = if self.head[1] & 0x80 != 0 { 4 } else { 0 };
-            if self.head_len < 2 + extended + mask {
-                continue;
-            }
-            let len = match extended {
-                0 => u64::from(len7),
-                n => self.head[2..2 + n]
-                    .iter()
-                    .fold(0u64, |acc, b| acc << 8 | u64::from(*b)),
-            };
-            if self.head[0] & 0x70 != 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
+/// Counts the frames that end in `data`, skipping payloads (the tracker keeps no payload).
+fn count_frames(tracker: &mut Tracker, mut data: &[u8]) -> io::Result<u64> {
+    let mut frames = 0;
+    loop {
+        let (taken, event) = tracker.advance(data);
+        data = &data[taken..];
+        match event {
+            // We send no extension, so the backend's echo of our frames never sets one.
+            Some(Event::Header(header)) if header.rsv != 0 => {
+                return Err(invalid(
                     "echoed frame has reserved bits set: the stream is corrupt",
-                ));
+                ))
             }
-            self.head_len = 0;
-            self.payload_left = len;
-            if len == 0 {
-                frames += 1;
-            }
+            Some(Event::Header(_)) => {}
+            Some(Event::FrameEnd) => frames += 1,
+            // `advance` returns no event only once it has taken all of `data`.
+            None => return Ok(frames),
         }
-        Ok(frames)
     }
 }
 
@@ -979,13 +921,13 @@ async fn bulk_read(
     stats: &Stats,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
-    let mut counter = FrameCounter::default();
+    let mut tracker = Tracker::new();
     loop {
         let n = rd.read(&mut buf).await?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        let frames = counter.feed(&buf[..n])?;
+        let frames = count_frames(&mut tracker, &buf[..n])?;
         flow.received.set(flow.received.get() + n as u64);
         stats.done(frames, frames * payload, None);
         flow.room.notify_one();
@@ -1056,7 +998,7 @@ async fn hold_idle(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
 
-    let frame: Rc<[u8]> = masked_frame(OP_BINARY, size).into();
+    let frame: Rc<[u8]> = binary_frame(size).into();
     let held = Rc::new(RefCell::new(Vec::with_capacity(args.conns)));
     let next = Rc::new(Cell::new(0usize));
     let started = Instant::now();
@@ -1186,14 +1128,33 @@ mod tests {
 
     #[test]
     fn counter_finds_frames_split_anywhere() {
-        let mut stream = masked_frame(OP_BINARY, 64);
-        stream.extend(masked_frame(OP_BINARY, 16 * 1024));
-        stream.extend(masked_frame(OP_BINARY, 70_000));
-        stream.extend(masked_close_frame());
+        let mut stream = binary_frame(64);
+        stream.extend(binary_frame(16 * 1024));
+        stream.extend(binary_frame(70_000));
+        stream.extend(close_frame());
         for chunk in [1, 3, 7, 1000, stream.len()] {
-            let mut counter = FrameCounter::default();
-            let frames: u64 = stream.chunks(chunk).map(|c| counter.feed(c).unwrap()).sum();
+            let mut tracker = Tracker::new();
+            let frames: u64 = stream
+                .chunks(chunk)
+                .map(|c| count_frames(&mut tracker, c).unwrap())
+                .sum();
             assert_eq!(frames, 4, "chunk size {chunk}");
+        }
+    }
+
+    #[test]
+    fn counter_refuses_reserved_bits_however_the_header_is_cut() {
+        let mut stream = binary_frame(64);
+        let corrupt = stream.len();
+        stream.extend(binary_frame(300));
+        stream[corrupt] |= 0x40;
+        for chunk in [1, 2, 5, stream.len()] {
+            let mut tracker = Tracker::new();
+            let failed = stream
+                .chunks(chunk)
+                .map(|c| count_frames(&mut tracker, c))
+                .find_map(Result::err);
+            assert!(failed.is_some(), "chunk size {chunk}");
         }
     }
 }

@@ -219,30 +219,13 @@ pub fn switching_protocols(head: &str) -> String {
     )
 }
 
-pub const TEXT: u8 = 0x1;
+pub use wsgate::websocket::frame::TEXT;
 
 /// One final frame; client frames are masked (RFC 6455 §5.3), server frames are not.
 pub fn frame(opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-    let mut out = vec![0x80 | opcode];
-    let mask_bit = if masked { 0x80 } else { 0 };
-    match payload.len() {
-        n if n <= 125 => out.push(mask_bit | n as u8),
-        n if n <= 0xffff => {
-            out.push(mask_bit | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(mask_bit | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    if masked {
-        let key = [0x37, 0xfa, 0x21, 0x3d];
-        out.extend_from_slice(&key);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    } else {
-        out.extend_from_slice(payload);
-    }
+    let mut out = Vec::new();
+    let mask = masked.then_some([0x37, 0xfa, 0x21, 0x3d]);
+    wsgate::websocket::frame::encode(&mut out, opcode, payload, mask);
     out
 }
 
