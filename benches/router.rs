@@ -51,7 +51,7 @@ servers = ["127.0.0.1:9000"]
 
 fn lookups(c: &mut Criterion) {
     let config = wsgate::config::parse(CONFIG, "bench.toml").expect("valid config");
-    let router = Router::new(&config.routes);
+    let router = Router::new(&config.routes, None);
     let mut group = c.benchmark_group("route");
     for (name, host, path) in [
         ("exact_host", "api.example.com", "/v2/users/42"),

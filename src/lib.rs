@@ -7,6 +7,7 @@
 //! - `listener`: the accept loop, the TLS step, and the hyper connection for each client.
 //! - `tls`: certificates by SNI, rustls server configs, the bounded handshake.
 //! - `proxy`: one request's life: route, classify, forward, relay or tunnel.
+//! - `snapshot`: one configuration as requests read it, swapped whole by a reload.
 //! - `router`: host and path to a route.
 //! - `upstream`: server choice, connections and pooling, the lease that counts load.
 //! - `websocket`: handshake validation, and the tunnel that splices upgraded connections.
@@ -22,6 +23,7 @@ pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod shutdown;
+pub mod snapshot;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

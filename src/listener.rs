@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::body::{Body, Incoming};
 use hyper::rt::bounds::Http2ServerConnExec;
 use hyper::rt::{Read, Write};
@@ -23,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Limits, Timeouts};
-use crate::proxy::{error::PLAIN_HTTP_TO_TLS_PORT, ConnInfo, ListenerPolicy, Proxy, TlsInfo};
+use crate::proxy::{error::PLAIN_HTTP_TO_TLS_PORT, ConnInfo, Proxy, TlsInfo};
 use crate::shutdown::{Signal, Tracker};
 use crate::tls;
 
@@ -36,11 +37,16 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub struct Listener {
     pub name: Arc<str>,
     pub socket: TcpListener,
-    pub protocols: Arc<Protocols>,
-    pub tls: Option<TlsAcceptor>,
-    pub policy: Arc<ListenerPolicy>,
+    /// How connections are served; a reload swaps it, and each new connection loads it once.
+    pub ctx: Arc<ArcSwap<ListenerCtx>>,
     /// Failed TLS handshakes, for operators to watch.
     pub tls_failures: Arc<AtomicU64>,
+}
+
+/// A listener's serving parameters, replaced whole by a reload.
+pub struct ListenerCtx {
+    pub protocols: Arc<Protocols>,
+    pub tls: Option<TlsAcceptor>,
 }
 
 /// The hyper builders of one listener, configured once.
@@ -77,7 +83,9 @@ impl Protocols {
 }
 
 impl Listener {
-    /// Accepts until `drain` fires. Each connection registers with `connections`.
+    /// Accepts until `drain` fires (shutdown, or a reload removed the listener); then its
+    /// connections finish what is in flight and its WebSockets close politely. Each connection
+    /// registers with `connections`.
     pub async fn serve(self, proxy: Arc<Proxy>, mut drain: Signal, connections: Tracker) {
         let mut backoff = Duration::from_millis(10);
         loop {
@@ -94,14 +102,13 @@ impl Listener {
                             listener: self.name.clone(),
                             peer,
                             tls: None,
-                            policy: self.policy.clone(),
+                            drain: drain.clone(),
                         },
                     };
                     let task = serve_connection(
                         stream,
                         connection,
-                        self.protocols.clone(),
-                        self.tls.clone(),
+                        self.ctx.load_full(),
                         self.tls_failures.clone(),
                         drain.clone(),
                     );
@@ -148,18 +155,18 @@ struct Connection {
 async fn serve_connection(
     stream: TcpStream,
     mut connection: Connection,
-    protocols: Arc<Protocols>,
-    tls: Option<TlsAcceptor>,
+    ctx: Arc<ListenerCtx>,
     tls_failures: Arc<AtomicU64>,
     drain: Signal,
 ) {
     let _ = stream.set_nodelay(true);
     let peer = connection.info.peer;
-    let Some(acceptor) = tls else {
-        let h2 = protocols.http2.is_some() && opens_with_h2_preface(&stream, &protocols).await;
-        return serve_http(TokioIo::new(stream), h2, connection, &protocols, drain).await;
+    let protocols = &ctx.protocols;
+    let Some(acceptor) = &ctx.tls else {
+        let h2 = protocols.http2.is_some() && opens_with_h2_preface(&stream, protocols).await;
+        return serve_http(TokioIo::new(stream), h2, connection, protocols, drain).await;
     };
-    match tls::accept(&acceptor, stream, protocols.timeouts.tls_handshake).await {
+    match tls::accept(acceptor, stream, protocols.timeouts.tls_handshake).await {
         Ok(tls::Accepted::Tls(stream, facts)) => {
             connection.info.tls = Some(TlsInfo {
                 sni: facts.sni,
@@ -170,7 +177,7 @@ async fn serve_connection(
                 TokioIo::new(*stream),
                 facts.h2,
                 connection,
-                &protocols,
+                protocols,
                 drain,
             )
             .await;

@@ -62,11 +62,11 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Run => run(config),
+        Command::Run => run(config, cli.config),
     }
 }
 
-fn run(config: wsgate::Config) -> ExitCode {
+fn run(config: wsgate::Config, config_path: PathBuf) -> ExitCode {
     telemetry::init(&config.log);
     let runtime = match config.workers {
         1 => tokio::runtime::Builder::new_current_thread()
@@ -91,13 +91,13 @@ fn run(config: wsgate::Config) -> ExitCode {
         // Installed before the listeners bind, so that a signal arriving as soon as wsgate
         // answers is already a drain, never the default action of dying on the spot.
         let mut signals = Signals::install()?;
-        let server = Server::bind(&config).await?;
+        let server = Server::bind(&config, Some(config_path)).await?;
         let reloader = server.reloader();
         let mut hangups = signals.hup.take().expect("installed");
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
-                tracing::info!("SIGHUP received: reloading certificates");
-                reloader.reload();
+                tracing::info!("SIGHUP received: reloading the config");
+                reloader.reload_from_source().await;
             }
         });
         server.run(signals.first()).await;
@@ -124,7 +124,7 @@ enum StartError {
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
-    /// Reload certificates; taken by the reload task.
+    /// Reload the config; taken by the reload task.
     hup: Option<tokio::signal::unix::Signal>,
 }
 

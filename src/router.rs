@@ -112,7 +112,8 @@ pub fn host_without_port(authority: &str) -> &str {
 }
 
 impl Router {
-    pub fn new(routes: &[config::Route]) -> Router {
+    /// `previous`: the table being replaced; a route of the same name keeps its stats.
+    pub fn new(routes: &[config::Route], previous: Option<&Router>) -> Router {
         let mut entries = Vec::new();
         for (index, route) in routes.iter().enumerate() {
             let hosts: Vec<Option<HostPattern>> = if route.hosts.is_empty() {
@@ -143,7 +144,9 @@ impl Router {
                 },
                 upgrades: route.upgrades.clone(),
                 websocket: route.websocket,
-                stats: Arc::default(),
+                stats: previous
+                    .and_then(|p| p.routes.iter().find(|r| r.name == route.name))
+                    .map_or_else(Arc::default, |r| r.stats.clone()),
             })
             .collect();
         Router { routes, entries }
@@ -188,15 +191,18 @@ mod tests {
     }
 
     fn table() -> Router {
-        Router::new(&[
-            route("root", &[], "/"),
-            route("api", &[], "/api"),
-            route("api-v2", &[], "/api/v2/"),
-            route("wild", &["*.example.com"], "/"),
-            route("deep-wild", &["*.eu.example.com"], "/"),
-            route("exact", &["www.example.com"], "/"),
-            route("exact-api", &["www.example.com"], "/api"),
-        ])
+        Router::new(
+            &[
+                route("root", &[], "/"),
+                route("api", &[], "/api"),
+                route("api-v2", &[], "/api/v2/"),
+                route("wild", &["*.example.com"], "/"),
+                route("deep-wild", &["*.eu.example.com"], "/"),
+                route("exact", &["www.example.com"], "/"),
+                route("exact-api", &["www.example.com"], "/api"),
+            ],
+            None,
+        )
     }
 
     #[test]
@@ -225,7 +231,7 @@ mod tests {
 
     #[test]
     fn no_match_without_a_catch_all() {
-        let router = Router::new(&[route("api", &["api.test"], "/v1")]);
+        let router = Router::new(&[route("api", &["api.test"], "/v1")], None);
         assert!(router.route("api.test", "/v2").is_none());
         assert!(router.route("other.test", "/v1").is_none());
         assert!(router.route("api.test", "/v1/x").is_some());

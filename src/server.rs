@@ -1,19 +1,24 @@
-//! A running gateway: binds every listener up front, then serves until told to stop, and
-//! drains: stop accepting, let requests finish and tunnels close, then force what is left.
+//! A running gateway: binds every listener up front, serves until told to stop, reloads the
+//! whole config when asked (SIGHUP, a changed file, or a caller), and drains: stop accepting,
+//! let requests finish and tunnels close, then force what is left.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
-
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{self, Config};
-use crate::listener::{Listener, Protocols};
-use crate::proxy::{HttpsRedirect, ListenerPolicy, Proxy, Snapshot};
+use crate::listener::{Listener, ListenerCtx, Protocols};
+use crate::proxy::Proxy;
 use crate::shutdown::{self, Signal, Tracker, Trigger};
+use crate::snapshot::{Current, Snapshot};
 use crate::telemetry;
 use crate::tls::{self, Terminator};
 
@@ -39,69 +44,121 @@ pub enum Error {
     },
 }
 
+/// Why a reload was refused; the config in force keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    #[error(transparent)]
+    Setup(#[from] Error),
+    #[error("the gateway is shutting down")]
+    Stopped,
+}
+
+/// What a reload changed, for its log line and for callers.
+#[derive(Debug, Default, Clone)]
+pub struct ReloadSummary {
+    pub listeners_added: Vec<String>,
+    pub listeners_removed: Vec<String>,
+    pub routes_added: Vec<String>,
+    pub routes_removed: Vec<String>,
+    pub upstreams_added: Vec<String>,
+    pub upstreams_removed: Vec<String>,
+    pub servers_added: Vec<String>,
+    pub servers_removed: Vec<String>,
+    /// Tunnels of removed servers, now closing over `reload.close_spread`.
+    pub tunnels_closing: usize,
+    /// Every listener's bound address after the reload.
+    pub listening: Vec<(String, SocketAddr)>,
+}
+
 pub struct Server {
     listeners: Vec<Listener>,
-    reloader: Reloader,
+    config: Config,
+    /// Where SIGHUP and the file watch read the next config from.
+    source: Option<PathBuf>,
+    current: Current,
     proxy: Arc<Proxy>,
+    certificates: Certificates,
     tunnels: Tracker,
-    /// Shutdown has begun: listeners stop accepting, WebSocket tunnels send Close 1001.
-    drain_start: Trigger,
-    drain_signal: Signal,
     close_tunnels: Trigger,
-    drain: Duration,
+    reloads: mpsc::Receiver<ReloadRequest>,
+    reloader: Reloader,
 }
 
-/// Loads what each TLS listener serves (certificates, keys), so that `check` and `bind` fail
-/// on the same problems.
-fn terminators(config: &Config) -> Result<Vec<Option<Arc<Terminator>>>, Error> {
-    config
-        .listeners
-        .iter()
-        .map(|listener| {
-            let Some(tls) = &listener.tls else {
-                return Ok(None);
-            };
-            let terminator = Terminator::new(tls, listener.http2).map_err(|source| Error::Tls {
-                listener: listener.name.clone(),
-                source,
-            })?;
-            Ok(Some(Arc::new(terminator)))
-        })
-        .collect()
+struct ReloadRequest {
+    config: Config,
+    reply: oneshot::Sender<Result<ReloadSummary, ReloadError>>,
 }
 
-fn policy(listener: &config::Listener) -> ListenerPolicy {
-    ListenerPolicy {
-        redirect: listener.redirect_https.as_ref().map(|r| HttpsRedirect {
-            port: r.port,
-            except: r.except.clone(),
-        }),
-        hsts: listener.tls.as_ref().and_then(|tls| tls.hsts.clone()),
-        client_identity_header: listener
-            .tls
-            .as_ref()
-            .and_then(|tls| tls.client_auth.as_ref()?.identity_header.clone()),
-    }
-}
-
-/// Reloads the certificates of every TLS listener: on SIGHUP, and when their files change.
+/// Asks the running gateway to reload; cheap to clone.
 #[derive(Clone)]
 pub struct Reloader {
-    terminators: Arc<[(String, Arc<Terminator>)]>,
-    failures: Arc<AtomicU64>,
+    requests: mpsc::Sender<ReloadRequest>,
+    source: Option<PathBuf>,
+    certificates: Certificates,
 }
 
 impl Reloader {
-    /// Reloads every TLS listener; one that fails keeps its previous certificates.
-    pub fn reload(&self) {
-        for (listener, terminator) in self.terminators.iter() {
-            self.reload_one(listener, terminator);
+    /// Applies `config` whole, or refuses it whole and keeps the one in force.
+    pub async fn reload(&self, config: Config) -> Result<ReloadSummary, ReloadError> {
+        let (reply, answer) = oneshot::channel();
+        let request = ReloadRequest { config, reply };
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| ReloadError::Stopped)?;
+        answer.await.map_err(|_| ReloadError::Stopped)?
+    }
+
+    /// Reads and applies the config file the gateway was started from (SIGHUP). Every outcome
+    /// is logged; a refused config names each of its problems.
+    pub async fn reload_from_source(&self) {
+        let Some(path) = &self.source else {
+            tracing::warn!("reload asked for, but the config was not read from a file");
+            return;
+        };
+        let result = match config::load(path) {
+            Ok(config) => self.reload(config).await,
+            Err(err) => Err(err.into()),
+        };
+        if let Err(err) = result {
+            // The diagnostics are one per line, each `file:line:col: message`.
+            for line in telemetry::error_chain(&err).lines() {
+                tracing::warn!(
+                    problem = line,
+                    "config reload rejected; still serving the previous config"
+                );
+            }
         }
     }
 
-    /// Reloads that failed since start.
-    pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
+    /// Reloads only the TLS listeners' certificates (what a changed certificate file does).
+    pub fn reload_certificates(&self) {
+        self.certificates.reload_all();
+    }
+
+    /// Certificate reloads that failed since start.
+    pub fn certificate_failures(&self) -> u64 {
+        self.certificates.failures.load(Ordering::Relaxed)
+    }
+}
+
+type NamedTerminator = (String, Arc<Terminator>);
+
+/// The terminator of each TLS listener in force, for certificate reloads between config
+/// reloads; a config reload replaces the whole list.
+#[derive(Clone, Default)]
+struct Certificates {
+    terminators: Arc<ArcSwap<Vec<NamedTerminator>>>,
+    failures: Arc<AtomicU64>,
+}
+
+impl Certificates {
+    fn reload_all(&self) {
+        for (listener, terminator) in self.terminators.load().iter() {
+            self.reload_one(listener, terminator);
+        }
     }
 
     fn reload_one(&self, listener: &str, terminator: &Terminator) {
@@ -121,20 +178,19 @@ impl Reloader {
     /// Looks at the certificate files every `watch_interval` and reloads a listener whose
     /// files changed, until `stop` fires.
     async fn watch(self, mut stop: Signal) {
-        let Some(interval) = self
-            .terminators
-            .iter()
-            .map(|(_, t)| t.watch_interval())
-            .min()
-        else {
-            return;
-        };
         loop {
+            let interval = self
+                .terminators
+                .load()
+                .iter()
+                .map(|(_, t)| t.watch_interval())
+                .min()
+                .unwrap_or(Duration::from_secs(3600));
             tokio::select! {
                 () = stop.fired() => return,
                 () = tokio::time::sleep(interval) => {}
             }
-            for (listener, terminator) in self.terminators.iter() {
+            for (listener, terminator) in self.terminators.load().iter() {
                 if terminator.files_changed() {
                     self.reload_one(listener, terminator);
                 }
@@ -143,68 +199,115 @@ impl Reloader {
     }
 }
 
+/// Loads what each TLS listener serves (certificates, keys), so that `check`, `bind` and a
+/// reload fail on the same problems.
+fn terminators(config: &Config) -> Result<HashMap<String, Arc<Terminator>>, Error> {
+    let mut terminators = HashMap::new();
+    for listener in &config.listeners {
+        let Some(tls) = &listener.tls else { continue };
+        let terminator = Terminator::new(tls, listener.http2).map_err(|source| Error::Tls {
+            listener: listener.name.clone(),
+            source,
+        })?;
+        terminators.insert(listener.name.clone(), Arc::new(terminator));
+    }
+    Ok(terminators)
+}
+
+fn listener_ctx(
+    config: &Config,
+    listener: &config::Listener,
+    terminators: &HashMap<String, Arc<Terminator>>,
+) -> ListenerCtx {
+    ListenerCtx {
+        protocols: Arc::new(Protocols::new(
+            &config.timeouts,
+            &config.limits,
+            listener.http2,
+        )),
+        tls: terminators
+            .get(&listener.name)
+            .map(|terminator| terminator.acceptor.clone()),
+    }
+}
+
+async fn bind(listener: &config::Listener) -> Result<TcpListener, Error> {
+    TcpListener::bind(listener.bind)
+        .await
+        .map_err(|source| Error::Bind {
+            listener: listener.name.clone(),
+            address: listener.bind,
+            source,
+        })
+}
+
+/// One listener as the running gateway knows it.
+struct Running {
+    bind: SocketAddr,
+    local: SocketAddr,
+    ctx: Arc<ArcSwap<ListenerCtx>>,
+    /// Stops this listener alone (a reload removed it), or with all the others on shutdown.
+    stop: Trigger,
+}
+
 impl Server {
     /// Checks what a config needs beyond its own text (certificate and key files), without
     /// binding anything.
     pub fn check(config: &Config) -> Result<(), Error> {
         terminators(config)?;
-        Snapshot::new(config)?;
+        Snapshot::build(config, None)?;
         Ok(())
     }
 
     /// Binds every listener, so that a port already in use fails before anything serves.
-    pub async fn bind(config: &Config) -> Result<Server, Error> {
+    /// `source`: the file the config came from, which SIGHUP and `reload.watch` read again.
+    pub async fn bind(config: &Config, source: Option<PathBuf>) -> Result<Server, Error> {
         let terminators = terminators(config)?;
+        let snapshot = Snapshot::build(config, None)?;
         let mut listeners = Vec::with_capacity(config.listeners.len());
-        let mut reloadable = Vec::new();
-        for (listener, terminator) in config.listeners.iter().zip(terminators) {
-            if let Some(terminator) = &terminator {
-                reloadable.push((listener.name.clone(), terminator.clone()));
-            }
-            let socket = TcpListener::bind(listener.bind)
-                .await
-                .map_err(|source| Error::Bind {
-                    listener: listener.name.clone(),
-                    address: listener.bind,
-                    source,
-                })?;
+        for listener in &config.listeners {
             listeners.push(Listener {
                 name: listener.name.as_str().into(),
-                socket,
-                protocols: Arc::new(Protocols::new(
-                    &config.timeouts,
-                    &config.limits,
-                    listener.http2,
-                )),
-                tls: terminator.map(|t| t.acceptor.clone()),
-                policy: Arc::new(policy(listener)),
+                socket: bind(listener).await?,
+                ctx: Arc::new(ArcSwap::from_pointee(listener_ctx(
+                    config,
+                    listener,
+                    &terminators,
+                ))),
                 tls_failures: Arc::default(),
             });
         }
+        let certificates = Certificates::default();
+        certificates.terminators.store(Arc::new(
+            config
+                .listeners
+                .iter()
+                .filter_map(|l| Some((l.name.clone(), terminators.get(&l.name)?.clone())))
+                .collect(),
+        ));
         let tunnels = Tracker::default();
         let (close_tunnels, close_signal) = shutdown::channel();
-        let (drain_start, drain_signal) = shutdown::channel();
-        let snapshot = Arc::new(Snapshot::new(config)?);
-        let signals = crate::websocket::tunnel::Signals {
-            drain: drain_signal.clone(),
-            close: close_signal,
-        };
+        let current: Current = Arc::new(ArcSwap::from_pointee(snapshot));
+        let (requests, reloads) = mpsc::channel(4);
         Ok(Server {
             listeners,
+            config: config.clone(),
             reloader: Reloader {
-                terminators: reloadable.into(),
-                failures: Arc::default(),
+                requests,
+                source: source.clone(),
+                certificates: certificates.clone(),
             },
-            proxy: Arc::new(Proxy::new(snapshot, tunnels.clone(), signals)),
+            source,
+            proxy: Arc::new(Proxy::new(current.clone(), tunnels.clone(), close_signal)),
+            current,
+            certificates,
             tunnels,
-            drain_start,
-            drain_signal,
             close_tunnels,
-            drain: config.timeouts.drain,
+            reloads,
         })
     }
 
-    /// What reloads the TLS listeners' certificates (for SIGHUP).
+    /// What reloads the config or the certificates.
     pub fn reloader(&self) -> Reloader {
         self.reloader.clone()
     }
@@ -225,40 +328,70 @@ impl Server {
             .collect()
     }
 
-    /// The live configuration with its counters.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.proxy.snapshot().clone()
+    /// The configuration in force, with its counters; a reload swaps it.
+    pub fn current(&self) -> Current {
+        self.current.clone()
     }
 
     /// Serves until `shutdown` completes, then drains for at most the configured period.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        for (name, address) in self.local_addrs() {
-            tracing::info!(listener = %name, %address, "listening");
-        }
-        let drain_signal = self.drain_signal;
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let connections = Tracker::default();
-        tokio::spawn(self.reloader.clone().watch(drain_signal.clone()));
-        for listener in self.listeners {
-            tokio::spawn(listener.serve(
-                self.proxy.clone(),
-                drain_signal.clone(),
-                connections.clone(),
-            ));
+        let (stop_watching, watch_signal) = shutdown::channel();
+        tokio::spawn(self.certificates.clone().watch(watch_signal));
+        let mut running = HashMap::new();
+        for listener in std::mem::take(&mut self.listeners) {
+            let config = self
+                .config
+                .listeners
+                .iter()
+                .find(|l| *l.name == *listener.name);
+            let Some(config) = config else { continue };
+            let Ok(local) = listener.socket.local_addr() else {
+                continue;
+            };
+            tracing::info!(listener = %listener.name, address = %local, "listening");
+            running.insert(
+                config.name.clone(),
+                self.spawn_listener(listener, config.bind, local, &connections),
+            );
         }
-        shutdown.await;
+        let mut file = FileWatch::new(self.source.clone(), &self.config.reload);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(request) = self.reloads.recv() => {
+                    let result = self.apply(request.config, &mut running, &connections).await;
+                    if result.is_ok() {
+                        file = FileWatch::new(self.source.clone(), &self.config.reload);
+                    }
+                    let _ = request.reply.send(result);
+                }
+                () = file.changed(), if file.enabled() => {
+                    // The loop stays free for shutdown while the file is read and parsed.
+                    let reloader = self.reloader.clone();
+                    tokio::spawn(async move { reloader.reload_from_source().await });
+                }
+            }
+        }
+        let drain = self.config.timeouts.drain;
         tracing::info!(
             connections = connections.live(),
             tunnels = self.tunnels.live(),
-            drain_s = self.drain.as_secs_f64(),
+            drain_s = drain.as_secs_f64(),
             "shutting down: no new connections, draining"
         );
-        self.drain_start.fire();
+        // Stops accepting, drains every connection, closes every WebSocket with 1001.
+        for listener in running.values() {
+            listener.stop.fire();
+        }
+        stop_watching.fire();
         let drained = async {
             // Tunnels start from connections, so none can appear once connections are done.
             connections.idle().await;
             self.tunnels.idle().await;
         };
-        if tokio::time::timeout(self.drain, drained).await.is_ok() {
+        if tokio::time::timeout(drain, drained).await.is_ok() {
             tracing::info!("drained");
             return;
         }
@@ -270,4 +403,237 @@ impl Server {
         self.close_tunnels.fire();
         let _ = tokio::time::timeout(CLOSE_GRACE, self.tunnels.idle()).await;
     }
+
+    fn spawn_listener(
+        &self,
+        listener: Listener,
+        bind: SocketAddr,
+        local: SocketAddr,
+        connections: &Tracker,
+    ) -> Running {
+        let (stop, stop_signal) = shutdown::channel();
+        let running = Running {
+            bind,
+            local,
+            ctx: listener.ctx.clone(),
+            stop,
+        };
+        tokio::spawn(listener.serve(self.proxy.clone(), stop_signal, connections.clone()));
+        running
+    }
+
+    /// Builds everything the new config needs first (certificates, upstream TLS, new sockets);
+    /// any failure refuses the whole config. Then publishes it: new requests see it at once,
+    /// requests and tunnels in flight keep what they started with.
+    async fn apply(
+        &mut self,
+        config: Config,
+        running: &mut HashMap<String, Running>,
+        connections: &Tracker,
+    ) -> Result<ReloadSummary, ReloadError> {
+        let terminators = terminators(&config)?;
+        let previous = self.current.load_full();
+        let snapshot = Snapshot::build(&config, Some(&previous)).map_err(Error::from)?;
+        // A listener stays when its name and address stay; otherwise it is replaced.
+        let stays = |l: &config::Listener| running.get(&l.name).is_some_and(|r| r.bind == l.bind);
+        let mut fresh = Vec::new();
+        for listener in config.listeners.iter().filter(|l| !stays(l)) {
+            let socket = match bind(listener).await {
+                Ok(socket) => socket,
+                // Taken back by dropping what was bound: the old config keeps serving.
+                Err(err) => return Err(err.into()),
+            };
+            fresh.push((listener, socket));
+        }
+
+        let mut summary = diff(&self.config, &config, &previous, &snapshot);
+        for listener in config.listeners.iter().filter(|l| stays(l)) {
+            if let Some(r) = running.get(&listener.name) {
+                r.ctx
+                    .store(Arc::new(listener_ctx(&config, listener, &terminators)));
+            }
+        }
+        let removed: Vec<String> = running
+            .iter()
+            .filter(|(name, r)| {
+                !config
+                    .listeners
+                    .iter()
+                    .any(|l| l.name == **name && l.bind == r.bind)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &removed {
+            if let Some(r) = running.remove(name) {
+                tracing::info!(listener = %name, address = %r.local, "listener removed: draining");
+                r.stop.fire();
+            }
+        }
+        self.certificates.terminators.store(Arc::new(
+            config
+                .listeners
+                .iter()
+                .filter_map(|l| Some((l.name.clone(), terminators.get(&l.name)?.clone())))
+                .collect(),
+        ));
+        self.current.store(Arc::new(snapshot));
+
+        // Servers the new snapshot no longer has get no new requests; their tunnels close.
+        let current = self.current.load();
+        for endpoint in previous.upstreams.iter().flat_map(|u| u.endpoints()) {
+            let kept = current
+                .upstreams
+                .iter()
+                .flat_map(|u| u.endpoints())
+                .any(|e| Arc::ptr_eq(e, endpoint));
+            if !kept {
+                summary.tunnels_closing += endpoint.tunnels();
+                endpoint.retire(config.reload.close_spread);
+            }
+        }
+        for (listener, socket) in fresh {
+            let local = socket.local_addr().unwrap_or(listener.bind);
+            tracing::info!(listener = %listener.name, address = %local, "listening");
+            let ctx = listener_ctx(&config, listener, &terminators);
+            let serving = Listener {
+                name: listener.name.as_str().into(),
+                socket,
+                ctx: Arc::new(ArcSwap::from_pointee(ctx)),
+                tls_failures: Arc::default(),
+            };
+            let started = self.spawn_listener(serving, listener.bind, local, connections);
+            running.insert(listener.name.clone(), started);
+        }
+        summary.listening = config
+            .listeners
+            .iter()
+            .filter_map(|l| Some((l.name.clone(), running.get(&l.name)?.local)))
+            .collect();
+        log_reload(&summary);
+        self.config = config;
+        Ok(summary)
+    }
+}
+
+/// Names added and removed between two configs and their snapshots.
+fn diff(before: &Config, after: &Config, old: &Snapshot, new: &Snapshot) -> ReloadSummary {
+    fn changes<'a>(
+        before: impl Iterator<Item = &'a str> + Clone,
+        after: impl Iterator<Item = &'a str> + Clone,
+    ) -> (Vec<String>, Vec<String>) {
+        let added = after
+            .clone()
+            .filter(|a| !before.clone().any(|b| b == *a))
+            .map(str::to_owned)
+            .collect();
+        let removed = before
+            .filter(|b| !after.clone().any(|a| a == *b))
+            .map(str::to_owned)
+            .collect();
+        (added, removed)
+    }
+    let (listeners_added, listeners_removed) = changes(
+        before.listeners.iter().map(|l| l.name.as_str()),
+        after.listeners.iter().map(|l| l.name.as_str()),
+    );
+    let (routes_added, routes_removed) = changes(
+        before.routes.iter().map(|r| r.name.as_str()),
+        after.routes.iter().map(|r| r.name.as_str()),
+    );
+    let (upstreams_added, upstreams_removed) = changes(
+        before.upstreams.iter().map(|u| u.name.as_str()),
+        after.upstreams.iter().map(|u| u.name.as_str()),
+    );
+    let servers = |snapshot: &Snapshot| -> Vec<(String, Arc<crate::upstream::Endpoint>)> {
+        snapshot
+            .upstreams
+            .iter()
+            .flat_map(|u| {
+                u.endpoints()
+                    .iter()
+                    .map(|e| (format!("{}/{}", u.name, e.label), e.clone()))
+            })
+            .collect()
+    };
+    let (old_servers, new_servers) = (servers(old), servers(new));
+    let carried = |e: &Arc<crate::upstream::Endpoint>,
+                   among: &[(String, Arc<crate::upstream::Endpoint>)]| {
+        among.iter().any(|(_, other)| Arc::ptr_eq(e, other))
+    };
+    ReloadSummary {
+        listeners_added,
+        listeners_removed,
+        routes_added,
+        routes_removed,
+        upstreams_added,
+        upstreams_removed,
+        servers_added: new_servers
+            .iter()
+            .filter(|(_, e)| !carried(e, &old_servers))
+            .map(|(label, _)| label.clone())
+            .collect(),
+        servers_removed: old_servers
+            .iter()
+            .filter(|(_, e)| !carried(e, &new_servers))
+            .map(|(label, _)| label.clone())
+            .collect(),
+        tunnels_closing: 0,
+        listening: Vec::new(),
+    }
+}
+
+fn log_reload(summary: &ReloadSummary) {
+    let list = |names: &[String]| names.join(",");
+    tracing::info!(
+        listeners_added = list(&summary.listeners_added),
+        listeners_removed = list(&summary.listeners_removed),
+        routes_added = list(&summary.routes_added),
+        routes_removed = list(&summary.routes_removed),
+        upstreams_added = list(&summary.upstreams_added),
+        upstreams_removed = list(&summary.upstreams_removed),
+        servers_added = list(&summary.servers_added),
+        servers_removed = list(&summary.servers_removed),
+        tunnels_closing = summary.tunnels_closing,
+        "config reloaded"
+    );
+}
+
+/// `reload.watch`: notices when the config file's modification time or size changes.
+struct FileWatch {
+    path: Option<PathBuf>,
+    interval: Duration,
+    seen: Option<(SystemTime, u64)>,
+}
+
+impl FileWatch {
+    fn new(source: Option<PathBuf>, reload: &config::Reload) -> FileWatch {
+        let path = source.filter(|_| reload.watch);
+        let seen = path.as_deref().and_then(stamp);
+        FileWatch {
+            path,
+            interval: reload.watch_interval,
+            seen,
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        self.path.is_some()
+    }
+
+    /// Completes once a look finds the file changed since the last one.
+    async fn changed(&mut self) {
+        loop {
+            tokio::time::sleep(self.interval).await;
+            let now = self.path.as_deref().and_then(stamp);
+            if now.is_some() && now != self.seen {
+                self.seen = now;
+                return;
+            }
+        }
+    }
+}
+
+fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.modified().ok()?, metadata.len()))
 }

@@ -24,6 +24,7 @@ pub struct Config {
     pub log: Log,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    pub reload: Reload,
     pub listeners: Vec<Listener>,
     pub routes: Vec<Route>,
     pub upstreams: Vec<Upstream>,
@@ -69,6 +70,27 @@ impl Default for Timeouts {
             websocket_idle: Duration::from_secs(600),
             websocket_half_closed: Duration::from_secs(30),
             drain: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How a running gateway takes a new config (SIGHUP always reloads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reload {
+    /// Reload when the config file changes, checked every `watch_interval`.
+    pub watch: bool,
+    pub watch_interval: Duration,
+    /// Tunnels of servers a reload removed close at random moments within this window, so that
+    /// their clients do not reconnect in one storm.
+    pub close_spread: Duration,
+}
+
+impl Default for Reload {
+    fn default() -> Self {
+        Reload {
+            watch: false,
+            watch_interval: Duration::from_secs(2),
+            close_spread: Duration::from_secs(30),
         }
     }
 }

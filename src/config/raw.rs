@@ -16,6 +16,8 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub websocket: WebSocket,
+    #[serde(default)]
+    pub reload: Reload,
     #[serde(default, rename = "listener")]
     pub listeners: Vec<Listener>,
     #[serde(default, rename = "route")]
@@ -104,6 +106,14 @@ pub struct Route {
     #[serde(default)]
     pub upgrades: Vec<Spanned<String>>,
     pub websocket: Option<WebSocket>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reload {
+    pub watch: Option<bool>,
+    pub watch_interval: Option<Spanned<String>>,
+    pub close_spread: Option<Spanned<String>>,
 }
 
 /// `[websocket]` sets every route's defaults; a route's `websocket = { ... }` overrides keys.

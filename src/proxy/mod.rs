@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use http::header::{
-    HeaderName, HeaderValue, CONTENT_TYPE, HOST, LOCATION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
+    HeaderValue, CONTENT_TYPE, HOST, LOCATION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
     STRICT_TRANSPORT_SECURITY, UPGRADE,
 };
 use http::uri::PathAndQuery;
@@ -19,73 +19,14 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::config::{self, Config, Timeouts};
-use crate::router::{Route, Router, Target};
-use crate::shutdown::Tracker;
-use crate::upstream::{self, Endpoint, Lease, UpstreamGroup};
+use crate::config;
+use crate::router::{Route, Target};
+use crate::shutdown::{Signal, Tracker};
+use crate::snapshot::{Current, ListenerPolicy, Snapshot};
+use crate::upstream::{Endpoint, Lease};
 use crate::websocket::{self, tunnel, Classification, Protocol};
 use body::ProxyBody;
 use error::{ProxyError, RequestLabels};
-
-/// What every request of one configuration reads: immutable, shared by `Arc`.
-#[derive(Debug)]
-pub struct Snapshot {
-    pub router: Router,
-    pub upstreams: Vec<UpstreamGroup>,
-    pub timeouts: Timeouts,
-    pub access_log: bool,
-}
-
-impl Snapshot {
-    pub fn new(config: &Config) -> Result<Snapshot, upstream::SetupError> {
-        Ok(Snapshot {
-            router: Router::new(&config.routes),
-            upstreams: config
-                .upstreams
-                .iter()
-                .map(UpstreamGroup::new)
-                .collect::<Result<_, _>>()?,
-            timeouts: config.timeouts,
-            access_log: config.log.access,
-        })
-    }
-}
-
-/// What a listener does to every request besides routing it, shared by its connections.
-#[derive(Debug, Default)]
-pub struct ListenerPolicy {
-    pub redirect: Option<HttpsRedirect>,
-    /// Added to every response (`Strict-Transport-Security`).
-    pub hsts: Option<HeaderValue>,
-    /// Carries the client certificate's identity upstream; a client's own is removed.
-    pub client_identity_header: Option<HeaderName>,
-}
-
-/// Answer with a permanent redirect to HTTPS, except under some path prefixes (ACME http-01
-/// challenges must reach a backend over plain HTTP).
-#[derive(Debug, Clone)]
-pub struct HttpsRedirect {
-    pub port: u16,
-    pub except: Vec<String>,
-}
-
-impl HttpsRedirect {
-    fn exempts(&self, path: &str) -> bool {
-        self.except
-            .iter()
-            .any(|prefix| path.starts_with(prefix.as_str()))
-    }
-
-    /// Same host (without its port) and target; the port only when it is not 443.
-    fn location(&self, host: &str, uri: &Uri) -> String {
-        let host = crate::router::host_without_port(host);
-        let target = uri.path_and_query().map_or("/", PathAndQuery::as_str);
-        match self.port {
-            443 => format!("https://{host}{target}"),
-            port => format!("https://{host}:{port}{target}"),
-        }
-    }
-}
 
 /// The client connection a request arrived on, computed once per connection. Only what is
 /// used is here: each fact can cost a syscall per connection (the local address does).
@@ -94,7 +35,9 @@ pub struct ConnInfo {
     pub listener: Arc<str>,
     pub peer: SocketAddr,
     pub tls: Option<TlsInfo>,
-    pub policy: Arc<ListenerPolicy>,
+    /// Fires when this connection's listener stops (removed by a reload, or shutdown): its
+    /// WebSocket tunnels then close politely.
+    pub drain: Signal,
 }
 
 /// What the TLS handshake of a connection established.
@@ -109,12 +52,11 @@ pub struct TlsInfo {
 
 #[derive(Debug)]
 pub struct Proxy {
-    snapshot: Arc<Snapshot>,
+    current: Current,
     /// Upgraded connections leave hyper's sight; they are counted here for the drain.
     tunnels: Tracker,
-    /// Fired when shutdown begins (WebSocket tunnels close politely) and when the drain period
-    /// is over (every tunnel closes at once).
-    tunnel_signals: tunnel::Signals,
+    /// Fired when the drain period is over: every tunnel closes at once.
+    close_tunnels: Signal,
 }
 
 /// A validated upgrade waiting for the upstream's 101.
@@ -122,6 +64,22 @@ struct PendingUpgrade {
     protocol: Protocol,
     requested: Option<HeaderValue>,
     client: hyper::upgrade::OnUpgrade,
+}
+
+/// What a tunnel is started with.
+struct Tunnel {
+    labels: tunnel::Labels,
+    options: tunnel::Options,
+    signals: tunnel::Signals,
+}
+
+/// What one request works with besides itself.
+#[derive(Clone, Copy)]
+struct RequestCtx<'a> {
+    snapshot: &'a Snapshot,
+    policy: &'a ListenerPolicy,
+    facts: &'a Facts,
+    conn: &'a ConnInfo,
 }
 
 /// The request facts kept for logging after the request itself has moved upstream.
@@ -132,24 +90,19 @@ struct Facts {
 }
 
 impl Proxy {
-    pub fn new(
-        snapshot: Arc<Snapshot>,
-        tunnels: Tracker,
-        tunnel_signals: tunnel::Signals,
-    ) -> Proxy {
+    pub fn new(current: Current, tunnels: Tracker, close_tunnels: Signal) -> Proxy {
         Proxy {
-            snapshot,
+            current,
             tunnels,
-            tunnel_signals,
+            close_tunnels,
         }
-    }
-
-    pub fn snapshot(&self) -> &Arc<Snapshot> {
-        &self.snapshot
     }
 
     pub async fn handle(&self, request: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
         let started = Instant::now();
+        // Once per request: a reload in the middle does not change what this request sees.
+        let snapshot = self.current.load_full();
+        let policy = snapshot.policy(&conn.listener);
         let host = request_host(&request);
         let facts = Facts {
             method: request.method().clone(),
@@ -162,7 +115,7 @@ impl Proxy {
         let host_text = facts.host.to_str().unwrap_or("");
         let path = facts.uri.path();
         let mut route = None;
-        let redirect = conn.policy.redirect.as_ref().filter(|r| !r.exempts(path));
+        let redirect = policy.redirect.as_ref().filter(|r| !r.exempts(path));
         let result = match host {
             // Extended CONNECT (RFC 8441) carries a :protocol and is routed like a handshake.
             _ if facts.method == Method::CONNECT && connect_protocol(&request).is_none() => {
@@ -173,19 +126,25 @@ impl Proxy {
                 let to = redirect.expect("checked").location(host_text, &facts.uri);
                 Ok((redirect_to(to), None))
             }
-            Ok(_) => match self.snapshot.router.route(host_text, path) {
+            Ok(_) => match snapshot.router.route(host_text, path) {
                 None => Err(ProxyError::NoRoute),
                 Some(matched) => {
                     route = Some(matched);
                     matched.stats.requests.fetch_add(1, Ordering::Relaxed);
-                    self.dispatch(request, matched, &facts, conn).await
+                    let request_ctx = RequestCtx {
+                        snapshot: &snapshot,
+                        policy,
+                        facts: &facts,
+                        conn,
+                    };
+                    self.dispatch(request, matched, &request_ctx).await
                 }
             },
         };
         let route_name = route.map(|r| r.name.as_str());
         let mut response = match result {
             Ok((response, server)) => {
-                if self.snapshot.access_log {
+                if snapshot.access_log {
                     tracing::info!(
                         status = response.status().as_u16(),
                         route = route_name.unwrap_or("-"),
@@ -211,7 +170,7 @@ impl Proxy {
                 },
             ),
         };
-        if let Some(hsts) = &conn.policy.hsts {
+        if let Some(hsts) = &policy.hsts {
             response
                 .headers_mut()
                 .insert(STRICT_TRANSPORT_SECURITY, hsts.clone());
@@ -224,12 +183,17 @@ impl Proxy {
         &self,
         mut request: Request<Incoming>,
         route: &Route,
-        facts: &Facts,
-        conn: &ConnInfo,
+        ctx: &RequestCtx<'_>,
     ) -> Result<(Response<ProxyBody>, Option<Arc<Endpoint>>), ProxyError> {
+        let RequestCtx {
+            snapshot,
+            policy,
+            facts,
+            conn,
+        } = *ctx;
         let upstream = match &route.target {
             Target::Respond { status, body } => return Ok((respond(*status, body.clone()), None)),
-            Target::Proxy { upstream } => &self.snapshot.upstreams[*upstream],
+            Target::Proxy { upstream } => &snapshot.upstreams[*upstream],
         };
         let classification = websocket::classify(
             request.method(),
@@ -259,7 +223,7 @@ impl Proxy {
             requested: request.headers().get(UPGRADE).cloned(),
             client: hyper::upgrade::on(&mut request),
         });
-        prepare_upstream_request(&mut request, facts, conn, upgrade.is_some());
+        prepare_upstream_request(&mut request, facts, conn, policy, upgrade.is_some());
         if upgrade.is_some() && route.websocket.permessage_deflate == config::Deflate::Strip {
             headers::strip_extension(request.headers_mut(), "permessage-deflate");
         }
@@ -269,7 +233,7 @@ impl Proxy {
             source,
         };
         let mut lease = upstream
-            .connect(&self.snapshot.timeouts)
+            .connect(&snapshot.timeouts)
             .await
             .map_err(upstream_failed)?;
         let mut response = match bridged_key {
@@ -311,8 +275,8 @@ impl Proxy {
         };
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         let options = tunnel::Options {
-            idle: self.snapshot.timeouts.websocket_idle,
-            half_closed: self.snapshot.timeouts.websocket_half_closed,
+            idle: snapshot.timeouts.websocket_idle,
+            half_closed: snapshot.timeouts.websocket_half_closed,
             // Other upgrades are not WebSocket: their bytes stay opaque.
             frames: (upgrade.protocol != Protocol::Other)
                 .then(|| frame_options(&route.websocket, response.headers())),
@@ -323,13 +287,17 @@ impl Proxy {
             server: lease.endpoint().label.clone(),
             client: conn.peer,
         };
-        self.spawn_tunnel(
-            (upgrade.client, upstream_upgrade),
-            lease,
-            route,
+        let signals = tunnel::Signals {
+            drain: conn.drain.clone(),
+            close: self.close_tunnels.clone(),
+            retire: lease.endpoint().retirement(),
+        };
+        let tunnel = Tunnel {
             labels,
             options,
-        );
+            signals,
+        };
+        self.spawn_tunnel((upgrade.client, upstream_upgrade), lease, route, tunnel);
         let (mut parts, _) = response.into_parts();
         if bridged_key.is_some() {
             route.stats.tunnels_over_h2.fetch_add(1, Ordering::Relaxed);
@@ -350,13 +318,16 @@ impl Proxy {
         upgrades: (hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade),
         lease: Lease,
         route: &Route,
-        labels: tunnel::Labels,
-        options: tunnel::Options,
+        tunnel: Tunnel,
     ) {
         let (client, upstream) = upgrades;
+        let Tunnel {
+            labels,
+            options,
+            signals,
+        } = tunnel;
         let lease = lease.into_tunnel();
         let guard = self.tunnels.guard();
-        let signals = self.tunnel_signals.clone();
         let stats = route.stats.clone();
         stats.tunnel_opened();
         tokio::spawn(async move {
@@ -420,6 +391,7 @@ fn prepare_upstream_request(
     request: &mut Request<Incoming>,
     facts: &Facts,
     conn: &ConnInfo,
+    policy: &ListenerPolicy,
     upgrade: bool,
 ) {
     if request.uri().authority().is_some() {
@@ -447,7 +419,7 @@ fn prepare_upstream_request(
         host: (!facts.host.is_empty()).then_some(&facts.host),
     };
     headers::to_upstream(request.headers_mut(), &forwarding, upgrade);
-    if let Some(name) = &conn.policy.client_identity_header {
+    if let Some(name) = &policy.client_identity_header {
         let identity = conn
             .tls
             .as_ref()

@@ -20,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsConnector;
 
 use crate::config::{self, Balance, ServerAddress, Timeouts};
@@ -65,6 +65,8 @@ impl Error {
 pub struct UpstreamGroup {
     pub name: String,
     balance: Balance,
+    /// Kept to tell whether a reload changed how the group's TLS servers are reached.
+    tls: config::UpstreamTls,
     endpoints: Vec<Arc<Endpoint>>,
     weights: Vec<u32>,
     /// Round robin order over `endpoints`, weighted.
@@ -84,6 +86,8 @@ pub struct Endpoint {
     active: AtomicUsize,
     tunnels: AtomicUsize,
     pool: Pool<RequestBody>,
+    /// Set by a reload that removed the server: its tunnels close, spread over this window.
+    retired: watch::Sender<Option<Duration>>,
 }
 
 /// The connector and the name a TLS server is sent (SNI) and verified against.
@@ -109,6 +113,17 @@ impl Endpoint {
 
     pub fn idle_connections(&self) -> usize {
         self.pool.idle_count()
+    }
+
+    /// The server left the configuration: its tunnels close at random moments within
+    /// `spread`, so that their clients do not all reconnect at once.
+    pub fn retire(&self, spread: Duration) {
+        self.retired.send_replace(Some(spread));
+    }
+
+    /// What a tunnel on this server watches for its retirement.
+    pub fn retirement(&self) -> watch::Receiver<Option<Duration>> {
+        self.retired.subscribe()
     }
 
     async fn connect(&self, after: Duration) -> Result<SendRequest<RequestBody>, Error> {
@@ -185,12 +200,33 @@ pub struct SetupError {
 }
 
 impl UpstreamGroup {
-    pub fn new(config: &config::Upstream) -> Result<UpstreamGroup, SetupError> {
+    /// `previous`: the group of the same name in the snapshot being replaced. A server it had
+    /// (same address, reached the same way) is carried over with its pool and counters, so that
+    /// least-connections still counts the tunnels opened before a reload.
+    pub fn new(
+        config: &config::Upstream,
+        previous: Option<&UpstreamGroup>,
+    ) -> Result<UpstreamGroup, SetupError> {
         let weights: Vec<u32> = config.servers.iter().map(|s| s.weight).collect();
+        let kept = |server: &config::Server| {
+            let previous = previous.filter(|p| p.tls == config.tls)?;
+            previous
+                .endpoints
+                .iter()
+                .find(|e| {
+                    e.address == server.address
+                        && e.tls.as_ref().map(|t| &t.name) == server.tls.as_ref()
+                })
+                .cloned()
+        };
         // Built once, for the first TLS server: a group without one needs no CA bundle.
         let mut connector: Option<TlsConnector> = None;
         let mut endpoints = Vec::with_capacity(config.servers.len());
         for server in &config.servers {
+            if let Some(endpoint) = kept(server) {
+                endpoints.push(endpoint);
+                continue;
+            }
             let tls = match &server.tls {
                 None => None,
                 Some(name) => {
@@ -214,11 +250,13 @@ impl UpstreamGroup {
                 active: AtomicUsize::new(0),
                 tunnels: AtomicUsize::new(0),
                 pool: Pool::default(),
+                retired: watch::Sender::new(None),
             }));
         }
         Ok(UpstreamGroup {
             name: config.name.clone(),
             balance: config.balance,
+            tls: config.tls.clone(),
             endpoints,
             sequence: balance::smooth_weighted_sequence(&weights),
             weights,

@@ -128,7 +128,7 @@ async fn binding_a_port_in_use_fails_naming_the_listener() {
     let address = busy.local_addr().unwrap();
     let text = format!("[[listener]]\nname = \"busy\"\nbind = \"{address}\"\n");
     let config = config::parse(&text, "gw.toml").expect("valid config");
-    match within(WAIT, Server::bind(&config)).await {
+    match within(WAIT, Server::bind(&config, None)).await {
         Ok(_) => panic!("bound {address} twice"),
         Err(err) => assert_eq!(
             err.to_string(),

@@ -239,7 +239,7 @@ async fn missing_files_and_mismatched_keys_fail_at_start_naming_the_files() {
     ] {
         let text = tls_config(&[case], "", "");
         let config = wsgate::config::parse(&text, "test.toml").expect("valid text");
-        let err = match wsgate::Server::bind(&config).await {
+        let err = match wsgate::Server::bind(&config, None).await {
             Ok(_) => panic!("started with {expected}"),
             Err(err) => wsgate::telemetry::error_chain(&err),
         };
@@ -521,10 +521,10 @@ async fn certificates_reload_when_their_files_change_without_dropping_a_tunnel()
     assert_eq!(echo, Message::Text("still here".into()));
 
     // A renewal gone wrong: the key no longer matches. The renewed certificate stays.
-    let failures_before = gw.reloader.failures();
+    let failures_before = gw.reloader.certificate_failures();
     std::fs::copy(&site.wildcard.key, &renewed.key).unwrap();
     eventually("failed reload counted", || {
-        gw.reloader.failures() > failures_before
+        gw.reloader.certificate_failures() > failures_before
     })
     .await;
     let stream = tls_connect(gw.addr, "a.test", client.clone())
@@ -533,12 +533,12 @@ async fn certificates_reload_when_their_files_change_without_dropping_a_tunnel()
     assert_eq!(served_certificate(&stream), renewed.der);
 
     // An expired renewal is refused the same way.
-    let failures_before = gw.reloader.failures();
+    let failures_before = gw.reloader.certificate_failures();
     let expired = site.pki.issue_expired("expired", &["a.test"]);
     std::fs::copy(&expired.key, &renewed.key).unwrap();
     std::fs::copy(&expired.cert, &renewed.cert).unwrap();
-    gw.reloader.reload();
-    assert!(gw.reloader.failures() > failures_before);
+    gw.reloader.reload_certificates();
+    assert!(gw.reloader.certificate_failures() > failures_before);
     let stream = tls_connect(gw.addr, "a.test", client.clone())
         .await
         .unwrap();
@@ -546,7 +546,7 @@ async fn certificates_reload_when_their_files_change_without_dropping_a_tunnel()
 
     // SIGHUP's path: an explicit reload once the files are whole again.
     let again = site.pki.reissue(&site.exact, &["a.test"]);
-    gw.reloader.reload();
+    gw.reloader.reload_certificates();
     let stream = tls_connect(gw.addr, "a.test", client).await.unwrap();
     assert_eq!(served_certificate(&stream), again.der);
 }
@@ -566,7 +566,7 @@ fn sighup_reloads_certificates_in_the_binary() {
     gateway.listening_address();
     gateway.wait_for_signal_handlers();
     gateway.signal("HUP");
-    gateway.wait_for_line("certificates reloaded");
+    gateway.wait_for_line("config reloaded");
     gateway.signal("TERM");
     assert_eq!(gateway.wait_exit(WAIT).code(), Some(0));
 }

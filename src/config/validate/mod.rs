@@ -16,7 +16,7 @@ use toml::Spanned;
 use tracing_subscriber::filter::{Directive, LevelFilter};
 
 use super::raw;
-use super::{Config, Diagnostic, Limits, Location, Log, Timeouts};
+use super::{Config, Diagnostic, Limits, Location, Log, Reload, Timeouts};
 
 /// hyper cannot read a request head into a buffer smaller than this.
 const MIN_HEADER_BYTES: i64 = 8 * 1024;
@@ -98,6 +98,7 @@ impl Validator<'_> {
             log: self.log(raw.log),
             timeouts: self.timeouts(raw.timeouts),
             limits: self.limits(raw.limits),
+            reload: self.reload(raw.reload),
             listeners: self.listeners(raw.listeners),
             routes: self.routes(raw.routes, &upstreams, &websocket),
             upstreams,
@@ -149,6 +150,15 @@ impl Validator<'_> {
             websocket_half_closed: self
                 .duration(raw.websocket_half_closed, default.websocket_half_closed),
             drain: self.duration(raw.drain, default.drain),
+        }
+    }
+
+    fn reload(&mut self, raw: raw::Reload) -> Reload {
+        let default = Reload::default();
+        Reload {
+            watch: raw.watch.unwrap_or(default.watch),
+            watch_interval: self.duration(raw.watch_interval, default.watch_interval),
+            close_spread: self.duration(raw.close_spread, default.close_spread),
         }
     }
 

@@ -76,11 +76,13 @@ pub struct Keepalive {
 }
 
 /// What tells a tunnel to end: `drain` politely (Close 1001 at frame boundaries, then wait for
-/// the close handshakes), `close` at once.
+/// the close handshakes), `close` at once, `retire` (its server left the configuration) with
+/// Close 1012 at a random moment within the window it carries.
 #[derive(Debug, Clone)]
 pub struct Signals {
     pub drain: Signal,
     pub close: Signal,
+    pub retire: tokio::sync::watch::Receiver<Option<Duration>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,8 +98,10 @@ pub enum ClosedBy {
     IdleTimeout,
     /// The drain period ended with the tunnel still open.
     Shutdown,
-    /// Shutdown began: both sides were sent Close 1001.
+    /// Shutdown began (or the listener was removed): both sides were sent Close 1001.
     Drain,
+    /// A reload removed the server: the client was sent Close 1012, the server 1001.
+    Retired,
     /// This side answered nothing within the keepalive timeout.
     Unresponsive(Side),
     /// This side broke a frame limit or, in strict mode, the protocol.
@@ -112,6 +116,7 @@ impl ClosedBy {
             ClosedBy::IdleTimeout => "idle_timeout",
             ClosedBy::Shutdown => "shutdown",
             ClosedBy::Drain => "drain",
+            ClosedBy::Retired => "server_removed",
             ClosedBy::Unresponsive(Side::Client) => "client_unresponsive",
             ClosedBy::Unresponsive(Side::Upstream) => "upstream_unresponsive",
             ClosedBy::Violation(Side::Client, _) => "client_violation",
@@ -237,6 +242,16 @@ impl AsyncWrite for Io {
     }
 }
 
+/// Uniformly at random in `[0, spread)`, so that the tunnels of a retired server close spread
+/// out rather than in one reconnect storm.
+fn random_within(spread: Duration) -> Duration {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0; 8];
+    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+    let nanos = spread.as_nanos().max(1);
+    Duration::from_nanos((u128::from(u64::from_le_bytes(bytes)) % nanos) as u64)
+}
+
 /// Keepalive of one peer: when wsgate last pinged it without hearing from it since.
 #[derive(Debug, Clone, Copy, Default)]
 struct PingState {
@@ -260,6 +275,7 @@ where
     let Signals {
         mut drain,
         mut close,
+        mut retire,
     } = signals;
     let framed = options.frames.is_some();
     let keepalive = options.frames.and_then(|frames| frames.keepalive);
@@ -269,7 +285,9 @@ where
         keepalive,
         pings: [PingState::default(); 2],
         closing_until: None,
+        retire_at: None,
     };
+    let mut retiring = false;
     let mut reason = None;
     let mut draining = false;
     let timer = tokio::time::sleep_until(timers.next(&splice));
@@ -294,6 +312,20 @@ where
             },
             () = &mut timer => match timers.fired(&mut splice) {
                 Due::Nothing => true,
+                Due::Retire if !framed => {
+                    reason = reason.or(Some(ClosedBy::Retired));
+                    break Ok(());
+                }
+                Due::Retire => {
+                    if reason.is_none() {
+                        reason = Some(ClosedBy::Retired);
+                        let restart = frame::close_code::SERVICE_RESTART;
+                        let going_away = frame::close_code::GOING_AWAY;
+                        splice.start_close(Side::Client, restart, Some(going_away));
+                        timers.closing();
+                    }
+                    true
+                }
                 Due::Closing(why) => {
                     reason = reason.or(Some(why));
                     true
@@ -311,6 +343,13 @@ where
                     splice.start_close(Side::Client, going_away, Some(going_away));
                     timers.closing();
                 }
+                true
+            }
+            spread = retire.wait_for(Option::is_some), if !retiring => {
+                retiring = true;
+                // A dropped sender (the server is gone altogether) also retires the tunnel.
+                let spread = spread.ok().and_then(|s| *s).unwrap_or_default();
+                timers.retire_at = Some(Instant::now() + random_within(spread));
                 true
             }
             () = close.fired() => {
@@ -342,6 +381,8 @@ struct Timers {
     pings: [PingState; 2],
     /// wsgate sent its Close: the close handshakes must end by then.
     closing_until: Option<Instant>,
+    /// The server was retired: the tunnel closes then.
+    retire_at: Option<Instant>,
 }
 
 impl Timers {
@@ -358,8 +399,8 @@ impl Timers {
 
     fn next<A, B>(&self, splice: &Splice<A, B>) -> Instant {
         let mut next = splice.last_activity() + self.idle;
-        if let Some(until) = self.closing_until {
-            next = next.min(until);
+        for at in [self.closing_until, self.retire_at].into_iter().flatten() {
+            next = next.min(at);
         }
         let now = Instant::now();
         for side in [Side::Client, Side::Upstream] {
@@ -394,6 +435,10 @@ impl Timers {
         if now >= splice.last_activity() + self.idle {
             return Due::End(ClosedBy::IdleTimeout);
         }
+        if self.retire_at.is_some_and(|at| now >= at) {
+            self.retire_at = None;
+            return Due::Retire;
+        }
         for side in [Side::Client, Side::Upstream] {
             let Some(keepalive) = self.pinged(side) else {
                 continue;
@@ -424,6 +469,8 @@ impl Timers {
 
 enum Due {
     Nothing,
+    /// The server was retired and this tunnel's moment has come.
+    Retire,
     /// Close frames are on their way; the tunnel ends when they are written or answered.
     Closing(ClosedBy),
     /// End the tunnel now.

@@ -22,6 +22,7 @@ struct Tunnel {
     upstream: DuplexStream,
     drain: Trigger,
     _close: Trigger,
+    retire: tokio::sync::watch::Sender<Option<Duration>>,
     task: JoinHandle<(io::Result<()>, Outcome)>,
 }
 
@@ -50,9 +51,11 @@ fn start(options: Options) -> Tunnel {
     let (drain, drain_signal) = shutdown::channel();
     let (close, close_signal) = shutdown::channel();
     let splice = Splice::new(client_io, Bytes::new(), upstream_io, Bytes::new(), &options);
+    let (retire, retirement) = tokio::sync::watch::channel(None);
     let signals = Signals {
         drain: drain_signal,
         close: close_signal,
+        retire: retirement,
     };
     let task = tokio::spawn(drive(splice, options, signals));
     Tunnel {
@@ -60,6 +63,7 @@ fn start(options: Options) -> Tunnel {
         upstream,
         drain,
         _close: close,
+        retire,
         task,
     }
 }
@@ -465,4 +469,39 @@ async fn after_an_answer_the_next_ping_comes_one_interval_later_even_with_a_long
         "{gap:?}"
     );
     t.task.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retired_server_closes_its_tunnels_with_1012_within_the_spread() {
+    let mut t = start(options(FrameOptions::default()));
+    let retired = Instant::now();
+    t.retire.send_replace(Some(Duration::from_secs(10)));
+    let (close, payload) = next_frame(&mut t.client).await;
+    assert_eq!(close.opcode, CLOSE);
+    assert_eq!(
+        frame::close_code(&payload),
+        Some(close_code::SERVICE_RESTART)
+    );
+    assert!(retired.elapsed() < Duration::from_secs(10));
+    let (close, payload) = next_frame(&mut t.upstream).await;
+    assert_eq!(close.opcode, CLOSE);
+    assert_eq!(frame::close_code(&payload), Some(close_code::GOING_AWAY));
+    send(
+        &mut t.client,
+        &close_frame(close_code::SERVICE_RESTART, Some(MASK)),
+    )
+    .await;
+    send(&mut t.upstream, &close_frame(close_code::GOING_AWAY, None)).await;
+    let (_, outcome) = within(t.task).await.unwrap();
+    assert_eq!(outcome.closed_by, ClosedBy::Retired);
+}
+
+#[test]
+fn retirement_moments_spread_over_the_whole_window() {
+    let spread = Duration::from_secs(30);
+    let moments: Vec<Duration> = (0..200).map(|_| random_within(spread)).collect();
+    assert!(moments.iter().all(|m| *m < spread));
+    // 200 uniform draws: all in one third of the window would be astronomically unlikely.
+    assert!(moments.iter().any(|m| *m < Duration::from_secs(10)));
+    assert!(moments.iter().any(|m| *m > Duration::from_secs(20)));
 }

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use wsgate::proxy::Snapshot;
 use wsgate::router::RouteStats;
+use wsgate::snapshot::{Current, Snapshot};
 use wsgate::upstream::Endpoint;
 use wsgate::Server;
 
@@ -96,7 +96,7 @@ pub struct TestGateway {
     pub tls_failures: Arc<AtomicU64>,
     /// Reloads the TLS listeners' certificates, as SIGHUP does.
     pub reloader: wsgate::server::Reloader,
-    snapshot: Arc<Snapshot>,
+    current: Current,
     drain: Duration,
     stop: Option<oneshot::Sender<()>>,
     /// Resolves once `run` has seen its shutdown future complete.
@@ -114,13 +114,13 @@ impl TestGateway {
         }
         let config = wsgate::config::parse(&text, "test.toml")
             .unwrap_or_else(|err| panic!("test config is invalid:\n{err}\n--- config ---\n{text}"));
-        let server = within(WAIT, Server::bind(&config))
+        let server = within(WAIT, Server::bind(&config, None))
             .await
             .expect("gateway binds 127.0.0.1:0");
         let (name, addr) = server.local_addrs().swap_remove(0);
         let tls_failures = server.tls_failures(&name).expect("the listener exists");
         let reloader = server.reloader();
-        let snapshot = server.snapshot();
+        let current = server.current();
         let (stop, stop_signal) = oneshot::channel::<()>();
         let (stopping_tx, stopping) = oneshot::channel::<()>();
         let run = tokio::spawn(server.run(async move {
@@ -132,7 +132,7 @@ impl TestGateway {
             addr,
             tls_failures,
             reloader,
-            snapshot,
+            current,
             drain: config.timeouts.drain,
             stop: Some(stop),
             stopping: Some(stopping),
@@ -148,18 +148,15 @@ impl TestGateway {
         format!("ws://{}{path}", self.addr)
     }
 
+    /// The configuration in force (a reload swaps it).
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.clone()
+        self.current.load_full()
     }
 
     /// The live counters of the route called `name`.
     pub fn route_stats(&self, name: &str) -> Arc<RouteStats> {
-        let route = self
-            .snapshot
-            .router
-            .routes()
-            .iter()
-            .find(|r| r.name == name);
+        let snapshot = self.snapshot();
+        let route = snapshot.router.routes().iter().find(|r| r.name == name);
         route
             .unwrap_or_else(|| panic!("no route {name:?}"))
             .stats
@@ -168,7 +165,8 @@ impl TestGateway {
 
     /// Server `index` of the upstream called `upstream`.
     pub fn endpoint(&self, upstream: &str, index: usize) -> Arc<Endpoint> {
-        let group = self.snapshot.upstreams.iter().find(|u| u.name == upstream);
+        let snapshot = self.snapshot();
+        let group = snapshot.upstreams.iter().find(|u| u.name == upstream);
         group
             .unwrap_or_else(|| panic!("no upstream {upstream:?}"))
             .endpoints()[index]
