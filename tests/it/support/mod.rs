@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use wsgate::router::RouteStats;
 use wsgate::snapshot::{Current, Snapshot};
 use wsgate::upstream::Endpoint;
+use wsgate::server::{ReloadError, ReloadSummary};
 use wsgate::Server;
 
 pub use backend::HttpBackend;
@@ -72,6 +73,15 @@ pub fn eventually(what: &str, mut condition: impl FnMut() -> bool) -> impl Futur
     }
 }
 
+/// `toml` with a listener on 127.0.0.1:0 when it has none.
+fn with_test_listener(toml: &str) -> String {
+    let mut text = toml.to_owned();
+    if !text.contains("[[listener]]") {
+        text.push_str("\n[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n");
+    }
+    text
+}
+
 /// A route `app` for every path, proxied to upstream `app` over `servers`.
 pub fn proxy_config(servers: &[SocketAddr]) -> String {
     format!(
@@ -108,10 +118,7 @@ impl TestGateway {
     /// Parses `toml` (adding a listener on 127.0.0.1:0 when it has none), binds, and serves.
     /// The listener is bound when this returns, so the gateway is ready.
     pub async fn start(toml: &str) -> TestGateway {
-        let mut text = toml.to_owned();
-        if !text.contains("[[listener]]") {
-            text.push_str("\n[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n");
-        }
+        let text = with_test_listener(toml);
         let config = wsgate::config::parse(&text, "test.toml")
             .unwrap_or_else(|err| panic!("test config is invalid:\n{err}\n--- config ---\n{text}"));
         let server = within(WAIT, Server::bind(&config, None))
@@ -138,6 +145,13 @@ impl TestGateway {
             stopping: Some(stopping),
             run: Some(run),
         }
+    }
+
+    /// Reloads the running gateway with `toml` (given the same test listener as `start`, which
+    /// therefore stays); a config that does not parse is refused like any other reload.
+    pub async fn reload(&self, toml: &str) -> Result<ReloadSummary, ReloadError> {
+        let config = wsgate::config::parse(&with_test_listener(toml), "reload.toml")?;
+        within(WAIT, self.reloader.reload(config)).await
     }
 
     pub fn url(&self, path: &str) -> String {
