@@ -64,6 +64,7 @@ BEGIN {
     if ((v = num("cpu_us_per_op")) != "") cpu[s, t, ++nc[s, t]] = v
     if ((v = num("p99_us")) != "") p99[s, t, ++np[s, t]] = v
     if ((v = num("conns_open")) != "" && (!((s, t) in conns) || v < conns[s, t])) conns[s, t] = v
+    if ((v = num("open_concurrency")) != "") burst[s, t] = v
     if ((v = num("late_sends")) != "") late[s, t] += v
     if ((v = num("closed_while_held")) != "") closed[s, t] += v
     if ((v = num("tls_eof_without_close_notify")) != "") noclose[s, t] += v
@@ -107,7 +108,8 @@ END {
             if (failed[s, t]) notes = notes sprintf("%d of %d runs failed; ", failed[s, t], failed[s, t] + runs[s, t])
             if (died[s, t]) notes = notes sprintf("proxy exited in %d run(s); ", died[s, t])
             if (errors[s, t]) notes = notes sprintf("%d errors; ", errors[s, t])
-            if ((s, t) in conns) notes = notes sprintf("%d conns; ", conns[s, t])
+            if ((s, t) in conns) notes = notes sprintf("%d conns", conns[s, t]) \
+                (((s, t) in burst) ? sprintf(", %d at a time; ", burst[s, t]) : "; ")
             if (closed[s, t]) notes = notes sprintf("%d closed while idle; ", closed[s, t])
             if (late[s, t]) notes = notes sprintf("%d late sends; ", late[s, t])
             if (noclose[s, t]) notes = notes sprintf("%d TLS closes without close_notify; ", noclose[s, t])
