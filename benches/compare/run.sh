@@ -118,7 +118,12 @@ fi
 command -v taskset >/dev/null || die "taskset (util-linux) is missing"
 
 say "building wsgate and the examples (release)"
-(cd "$ROOT" && cargo build --release --quiet --bin wsgate --example bench_backend --example loadgen)
+# Two builds: one cargo invocation unifies features over all its targets, so building the
+# examples with wsgate would give wsgate the dev-dependencies' tokio `test-util` (its time driver
+# then reads the clock through a mutex), which neither a plain release build nor build-base.sh's
+# base binary has.
+(cd "$ROOT" && cargo build --release --quiet --bin wsgate)
+(cd "$ROOT" && cargo build --release --quiet --example bench_backend --example loadgen)
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 [[ $TARGET_DIR == /* ]] || TARGET_DIR=$ROOT/$TARGET_DIR
 WSGATE=$TARGET_DIR/release/wsgate
