@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # wsgate vs nginx vs HAProxy vs a direct connection, side by side, on this machine, in one run.
 #
-#   benches/compare/run.sh [direct] [wsgate] [nginx] [haproxy]      (default: all four)
+#   benches/compare/run.sh [direct] [wsgate] [wsgate_base] [nginx] [haproxy]
+#
+# Default: direct wsgate nginx haproxy, and wsgate_base too when WSGATE_BASE is set.
 #
 # Environment:
 #   DURATION=10      seconds in each measured window (whole seconds: wrk takes no fractions)
@@ -10,6 +12,8 @@
 #   SCENARIOS="..."  a subset of the scenario names below (default: all)
 #   IDLE_CONNS=N     WebSockets held by the idle rows (default: 10000, or what RLIMIT_NOFILE allows)
 #   IDLE_BURST=32    WebSockets the idle rows open at a time (the *_burst128 rows always 128)
+#   WSGATE_BASE=bin  a wsgate release binary of another commit (build-base.sh makes one): the
+#                    wsgate_base target, run exactly as wsgate is and reported beside it
 #   OUT=dir          output folder (default: benches/compare/out/<timestamp>)
 #
 # Writes into the output folder: table.md (also printed), results.jsonl (one JSON line per
@@ -32,7 +36,8 @@ DURATION=${DURATION:-10}
 REPEAT=${REPEAT:-3}
 WARMUP=${WARMUP:-1}
 IDLE_BURST=${IDLE_BURST:-32}
-ALL_TARGETS=(direct wsgate nginx haproxy)   # report.awk compares each with the better of nginx and haproxy
+# report.awk compares each with the better of nginx and haproxy, and wsgate with wsgate_base.
+ALL_TARGETS=(direct wsgate wsgate_base nginx haproxy)
 
 # --- Scenarios: one row each --------------------------------------------------------------------
 # name: row name. transport: tcp (plain) or tls (the proxy terminates TLS and talks plain HTTP/1.1
@@ -68,10 +73,18 @@ say() { echo "== $*" >&2; }
 
 # --- Arguments and environment -----------------------------------------------------------------
 TARGETS=("$@")
-((${#TARGETS[@]})) || TARGETS=("${ALL_TARGETS[@]}")
+if ((${#TARGETS[@]} == 0)); then
+    TARGETS=(direct wsgate nginx haproxy)
+    [[ -z ${WSGATE_BASE:-} ]] || TARGETS=(direct wsgate wsgate_base nginx haproxy)
+fi
 for t in "${TARGETS[@]}"; do
     [[ " ${ALL_TARGETS[*]} " == *" $t "* ]] || die "unknown target '$t' (known: ${ALL_TARGETS[*]})"
 done
+if [[ " ${TARGETS[*]} " == *" wsgate_base "* ]]; then
+    [[ -n ${WSGATE_BASE:-} ]] || die "wsgate_base needs WSGATE_BASE=<wsgate binary> (benches/compare/build-base.sh <commit> prints one)"
+    [[ -x $WSGATE_BASE && -f $WSGATE_BASE ]] || die "WSGATE_BASE=$WSGATE_BASE is not an executable file"
+    WSGATE_BASE=$(cd "$(dirname "$WSGATE_BASE")" && pwd)/$(basename "$WSGATE_BASE")
+fi
 [[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "DURATION must be whole seconds, got '$DURATION'"
 [[ $WARMUP =~ ^[0-9]+$ ]] || die "WARMUP must be whole seconds, got '$WARMUP'"
 [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "REPEAT must be a positive integer, got '$REPEAT'"
@@ -261,9 +274,12 @@ start_target() {
     direct)
         return 0
         ;;
-    wsgate)
+    wsgate | wsgate_base)
+        # One template, one placement: the two differ only in the binary.
+        local bin=$WSGATE
+        [[ $target == wsgate ]] || bin=$WSGATE_BASE
         render wsgate.toml.in "$OUT/conf/wsgate.toml" "$run"
-        start "$log" "$PROXY_CPU" "$WSGATE" --config "$OUT/conf/wsgate.toml" run
+        start "$log" "$PROXY_CPU" "$bin" --config "$OUT/conf/wsgate.toml" run
         ;;
     nginx)
         mkdir -p "$run"
@@ -470,6 +486,10 @@ version() {
     echo "wrk:         $(version wrk -v)"
     echo "rustc:       $(rustc --version)"
     echo "wsgate:      $("$WSGATE" --version) ($(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo 'no git'))"
+    if has_target wsgate_base; then
+        # build-base.sh puts the commit's full sha in the path.
+        echo "wsgate_base: $("$WSGATE_BASE" --version) ($WSGATE_BASE)"
+    fi
     echo "targets:     ${TARGETS[*]}"
     echo "scenarios:   $(printf '%s\n' "${ROWS[@]}" | awk '{ printf "%s ", $1 }')"
     echo "duration:    ${DURATION} s per window, warm-up ${WARMUP} s, repeats ${REPEAT}"
