@@ -107,7 +107,7 @@ struct Args {
     /// idle modes: give up holding after this many seconds even without SIGUSR1.
     #[arg(long, default_value_t = 300.0)]
     hold_max: f64,
-    /// idle modes: WebSockets being opened at the same time.
+    /// idle modes: WebSockets being opened at the same time (the burst a reconnect storm makes).
     #[arg(long, default_value_t = 32)]
     open_concurrency: usize,
     /// Speak TLS (ALPN http/1.1; h2_echo always speaks TLS, with ALPN h2).
@@ -1049,6 +1049,7 @@ async fn hold_idle(
         }
     }
     out.num("conns_open", open as f64)
+        .num("open_concurrency", args.open_concurrency.max(1) as f64)
         .num("open_s", open_secs)
         .num("held_s", held_secs.elapsed().as_secs_f64())
         .num("closed_while_held", f64::from(closed));

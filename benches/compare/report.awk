@@ -41,9 +41,8 @@ function fmt(v) {
 function ratio(a, b) { return (a == "" || b == "" || b == 0) ? "–" : sprintf("%.2f×", a / b) }
 
 BEGIN {
-    split("direct wsgate nginx haproxy", fixed, " ")
-    for (i = 1; i <= 4; i++) { torder[i] = fixed[i]; tknown[fixed[i]] = 1 }
-    nt = 4
+    nt = split("direct wsgate wsgate_base nginx haproxy", fixed, " ")
+    for (i = 1; i <= nt; i++) { torder[i] = fixed[i]; tknown[fixed[i]] = 1 }
     rival["nginx"] = 1
     rival["haproxy"] = 1
 }
@@ -64,10 +63,12 @@ BEGIN {
     if ((v = num("cpu_us_per_op")) != "") cpu[s, t, ++nc[s, t]] = v
     if ((v = num("p99_us")) != "") p99[s, t, ++np[s, t]] = v
     if ((v = num("conns_open")) != "" && (!((s, t) in conns) || v < conns[s, t])) conns[s, t] = v
+    if ((v = num("open_concurrency")) != "") burst[s, t] = v
     if ((v = num("late_sends")) != "") late[s, t] += v
     if ((v = num("closed_while_held")) != "") closed[s, t] += v
     if ((v = num("tls_eof_without_close_notify")) != "") noclose[s, t] += v
     if (str("transport") == "tls") tls[s] = 1
+    if (t == "wsgate_base") has_base = 1
     runs[s, t]++
 }
 
@@ -87,15 +88,18 @@ END {
         }
     }
 
-    print "| scenario | target | result | unit | spread | p99 µs | proxy CPU µs/op | CPU spread | vs direct | ÷ best rival | CPU ÷ best rival | notes |"
-    print "|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|---|"
+    # With a wsgate_base target, two more columns: wsgate's median and CPU over the base's.
+    printf "| scenario | target | result | unit | spread | p99 µs | proxy CPU µs/op | CPU spread | vs direct | ÷ best rival | CPU ÷ best rival |"
+    print has_base ? " ÷ base | CPU ÷ base | notes |" : " notes |"
+    print "|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|" (has_base ? "--:|--:|" : "") "---|"
     for (si = 1; si <= ns; si++) {
         s = sorder[si]
         for (ti = 1; ti <= nt; ti++) {
             t = torder[ti]
             if (!((s, t) in present)) continue
             if ((s, t) in na && !runs[s, t]) {
-                printf "| %s | %s | n/a | %s | – | – | – | – | – | – | – | this target cannot do it |\n", s, t, unit[s]
+                printf "| %s | %s | n/a | %s | – | – | – | – | – | – | – |%s this target cannot do it |\n", s, t, unit[s], \
+                    has_base ? " – | – |" : ""
                 continue
             }
             m = nv[s, t] ? med[s, t] : ""
@@ -107,16 +111,23 @@ END {
             if (failed[s, t]) notes = notes sprintf("%d of %d runs failed; ", failed[s, t], failed[s, t] + runs[s, t])
             if (died[s, t]) notes = notes sprintf("proxy exited in %d run(s); ", died[s, t])
             if (errors[s, t]) notes = notes sprintf("%d errors; ", errors[s, t])
-            if ((s, t) in conns) notes = notes sprintf("%d conns; ", conns[s, t])
+            if ((s, t) in conns) notes = notes sprintf("%d conns", conns[s, t]) \
+                (((s, t) in burst) ? sprintf(", %d at a time; ", burst[s, t]) : "; ")
             if (closed[s, t]) notes = notes sprintf("%d closed while idle; ", closed[s, t])
             if (late[s, t]) notes = notes sprintf("%d late sends; ", late[s, t])
             if (noclose[s, t]) notes = notes sprintf("%d TLS closes without close_notify; ", noclose[s, t])
             sub(/; $/, "", notes)
-            printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", s, t, fmt(m), unit[s], \
+            printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |", s, t, fmt(m), unit[s], \
                 nv[s, t] ? spread[s, t] : "–", np[s, t] ? fmt(medp[s, t]) : "–", \
                 nc[s, t] ? fmt(medc[s, t]) : "–", nc[s, t] ? spreadc[s, t] : "–", vs, \
-                (t in rival || t == "wsgate") ? ratio(m, best[s]) : "–", \
-                (t in rival || t == "wsgate") && nc[s, t] ? ratio(medc[s, t], bestc[s]) : "–", notes
+                (t in rival || t ~ /^wsgate/) ? ratio(m, best[s]) : "–", \
+                (t in rival || t ~ /^wsgate/) && nc[s, t] ? ratio(medc[s, t], bestc[s]) : "–"
+            if (has_base) {
+                b = t == "wsgate" && nv[s, "wsgate_base"] ? med[s, "wsgate_base"] : ""
+                bc = t == "wsgate" && nc[s, "wsgate_base"] ? medc[s, "wsgate_base"] : ""
+                printf " %s | %s |", t == "wsgate" ? ratio(m, b) : "–", t == "wsgate" && nc[s, t] ? ratio(medc[s, t], bc) : "–"
+            }
+            printf " %s |\n", notes
         }
     }
     print ""
@@ -126,6 +137,11 @@ END {
     print "CPU per operation); above 1 is better for req/s, msg/s, MB/s and hs/s, below 1 is better for µs,"
     print "KiB/conn and CPU. Proxy CPU is utime + stime from /proc/PID/stat over the window, per request,"
     print "message or handshake."
+    if (has_base) {
+        print "÷ base, CPU ÷ base: wsgate's median result and CPU per operation over wsgate_base's, the"
+        print "wsgate binary of another commit run with the same config and placement (machine.txt says"
+        print "which); below 1 is better for CPU, µs and KiB/conn, above 1 for throughput."
+    }
     for (si = 1; si <= ns; si++) if (sorder[si] in tls) has_tls = 1
     if (has_tls) {
         print "TLS rows (https, wss_*, h2_ws_echo): the proxies terminate TLS and talk plain HTTP/1.1 to the"

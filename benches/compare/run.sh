@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # wsgate vs nginx vs HAProxy vs a direct connection, side by side, on this machine, in one run.
 #
-#   benches/compare/run.sh [direct] [wsgate] [nginx] [haproxy]      (default: all four)
+#   benches/compare/run.sh [direct] [wsgate] [wsgate_base] [nginx] [haproxy]
+#
+# Default: direct wsgate nginx haproxy, and wsgate_base too when WSGATE_BASE is set.
 #
 # Environment:
 #   DURATION=10      seconds in each measured window (whole seconds: wrk takes no fractions)
@@ -9,6 +11,9 @@
 #   WARMUP=1         seconds of load before each window
 #   SCENARIOS="..."  a subset of the scenario names below (default: all)
 #   IDLE_CONNS=N     WebSockets held by the idle rows (default: 10000, or what RLIMIT_NOFILE allows)
+#   IDLE_BURST=32    WebSockets the idle rows open at a time (the *_burst128 rows always 128)
+#   WSGATE_BASE=bin  a wsgate release binary of another commit (build-base.sh makes one): the
+#                    wsgate_base target, run exactly as wsgate is and reported beside it
 #   OUT=dir          output folder (default: benches/compare/out/<timestamp>)
 #
 # Writes into the output folder: table.md (also printed), results.jsonl (one JSON line per
@@ -30,7 +35,9 @@ PROXY_CPU=1          # the proxy, alone
 DURATION=${DURATION:-10}
 REPEAT=${REPEAT:-3}
 WARMUP=${WARMUP:-1}
-ALL_TARGETS=(direct wsgate nginx haproxy)   # report.awk compares each with the better of nginx and haproxy
+IDLE_BURST=${IDLE_BURST:-32}
+# report.awk compares each with the better of nginx and haproxy, and wsgate with wsgate_base.
+ALL_TARGETS=(direct wsgate wsgate_base nginx haproxy)
 
 # --- Scenarios: one row each --------------------------------------------------------------------
 # name: row name. transport: tcp (plain) or tls (the proxy terminates TLS and talks plain HTTP/1.1
@@ -38,23 +45,27 @@ ALL_TARGETS=(direct wsgate nginx haproxy)   # report.awk compares each with the 
 # loadgen (a measured window), idle (open, hold, read the proxy's RSS, release). figure: the
 # JSON key that is the row's result; better: hi or lo. n/a: targets that cannot do the row
 # (comma-separated, or -); the table shows them as n/a. Arguments go to the driver (wrk:
-# connections and path; the others: loadgen flags, @IDLE_CONNS@ substituted).
+# connections and path; the others: loadgen flags, @IDLE_CONNS@ and @IDLE_BURST@ substituted).
+# The idle rows say how many WebSockets are opened at a time (--open-concurrency): a reconnect
+# storm is a burst, and a proxy may keep what its busiest moment allocated.
 SCENARIO_TABLE='
-# name        transport driver  figure            better unit      n/a    arguments
-http          tcp       wrk     ops_per_s         hi     req/s     -      50 /
-http_big      tcp       wrk     ops_per_s         hi     req/s     -      8 /big
-echo          tcp       loadgen ops_per_s         hi     msg/s     -      --mode echo --conns 100 --size 64
-echo_rate     tcp       loadgen p99_us            lo     µs(p99)   -      --mode echo_rate --conns 100 --size 64 --rate 20000
-bulk          tcp       loadgen mb_per_s          hi     MB/s      -      --mode bulk --conns 8 --size 16384 --inflight 262144
-handshake     tcp       loadgen ops_per_s         hi     hs/s      -      --mode handshake --conns 10
-idle          tcp       idle    rss_kib_per_conn  lo     KiB/conn  -      --mode idle --conns @IDLE_CONNS@ --size 64
-idle_used     tcp       idle    rss_kib_per_conn  lo     KiB/conn  -      --mode idle_used --conns @IDLE_CONNS@ --size 65536
-https         tls       wrk     ops_per_s         hi     req/s     -      50 /
-wss_echo      tls       loadgen ops_per_s         hi     msg/s     -      --mode echo --conns 100 --size 64
-wss_bulk      tls       loadgen mb_per_s          hi     MB/s      -      --mode bulk --conns 8 --size 16384 --inflight 262144
-wss_handshake tls       loadgen ops_per_s         hi     hs/s      -      --mode handshake --conns 10
-wss_idle      tls       idle    rss_kib_per_conn  lo     KiB/conn  -      --mode idle --conns @IDLE_CONNS@ --size 64
-h2_ws_echo    tls       loadgen ops_per_s         hi     msg/s     nginx  --mode h2_echo --conns 100 --size 64
+# name            transport driver  figure           better unit     n/a   arguments
+http              tcp       wrk     ops_per_s        hi     req/s    -     50 /
+http_big          tcp       wrk     ops_per_s        hi     req/s    -     8 /big
+echo              tcp       loadgen ops_per_s        hi     msg/s    -     --mode echo --conns 100 --size 64
+echo_rate         tcp       loadgen p99_us           lo     µs(p99)  -     --mode echo_rate --conns 100 --size 64 --rate 20000
+bulk              tcp       loadgen mb_per_s         hi     MB/s     -     --mode bulk --conns 8 --size 16384 --inflight 262144
+handshake         tcp       loadgen ops_per_s        hi     hs/s     -     --mode handshake --conns 10
+idle              tcp       idle    rss_kib_per_conn lo     KiB/conn -     --mode idle --conns @IDLE_CONNS@ --open-concurrency @IDLE_BURST@ --size 64
+idle_burst128     tcp       idle    rss_kib_per_conn lo     KiB/conn -     --mode idle --conns @IDLE_CONNS@ --open-concurrency 128 --size 64
+idle_used         tcp       idle    rss_kib_per_conn lo     KiB/conn -     --mode idle_used --conns @IDLE_CONNS@ --open-concurrency @IDLE_BURST@ --size 65536
+https             tls       wrk     ops_per_s        hi     req/s    -     50 /
+wss_echo          tls       loadgen ops_per_s        hi     msg/s    -     --mode echo --conns 100 --size 64
+wss_bulk          tls       loadgen mb_per_s         hi     MB/s     -     --mode bulk --conns 8 --size 16384 --inflight 262144
+wss_handshake     tls       loadgen ops_per_s        hi     hs/s     -     --mode handshake --conns 10
+wss_idle          tls       idle    rss_kib_per_conn lo     KiB/conn -     --mode idle --conns @IDLE_CONNS@ --open-concurrency @IDLE_BURST@ --size 64
+wss_idle_burst128 tls       idle    rss_kib_per_conn lo     KiB/conn -     --mode idle --conns @IDLE_CONNS@ --open-concurrency 128 --size 64
+h2_ws_echo        tls       loadgen ops_per_s        hi     msg/s    nginx --mode h2_echo --conns 100 --size 64
 '
 
 die() { echo "run.sh: $*" >&2; exit 1; }
@@ -62,13 +73,22 @@ say() { echo "== $*" >&2; }
 
 # --- Arguments and environment -----------------------------------------------------------------
 TARGETS=("$@")
-((${#TARGETS[@]})) || TARGETS=("${ALL_TARGETS[@]}")
+if ((${#TARGETS[@]} == 0)); then
+    TARGETS=(direct wsgate nginx haproxy)
+    [[ -z ${WSGATE_BASE:-} ]] || TARGETS=(direct wsgate wsgate_base nginx haproxy)
+fi
 for t in "${TARGETS[@]}"; do
     [[ " ${ALL_TARGETS[*]} " == *" $t "* ]] || die "unknown target '$t' (known: ${ALL_TARGETS[*]})"
 done
+if [[ " ${TARGETS[*]} " == *" wsgate_base "* ]]; then
+    [[ -n ${WSGATE_BASE:-} ]] || die "wsgate_base needs WSGATE_BASE=<wsgate binary> (benches/compare/build-base.sh <commit> prints one)"
+    [[ -x $WSGATE_BASE && -f $WSGATE_BASE ]] || die "WSGATE_BASE=$WSGATE_BASE is not an executable file"
+    WSGATE_BASE=$(cd "$(dirname "$WSGATE_BASE")" && pwd)/$(basename "$WSGATE_BASE")
+fi
 [[ $DURATION =~ ^[1-9][0-9]*$ ]] || die "DURATION must be whole seconds, got '$DURATION'"
 [[ $WARMUP =~ ^[0-9]+$ ]] || die "WARMUP must be whole seconds, got '$WARMUP'"
 [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "REPEAT must be a positive integer, got '$REPEAT'"
+[[ $IDLE_BURST =~ ^[1-9][0-9]*$ ]] || die "IDLE_BURST must be a positive integer, got '$IDLE_BURST'"
 (($(nproc) >= 2)) || die "needs 2 CPUs (load on CPU $LOAD_CPU, proxy on CPU $PROXY_CPU)"
 
 mapfile -t ROWS < <(grep -Ev '^[[:space:]]*(#|$)' <<<"$SCENARIO_TABLE")
@@ -111,7 +131,12 @@ fi
 command -v taskset >/dev/null || die "taskset (util-linux) is missing"
 
 say "building wsgate and the examples (release)"
-(cd "$ROOT" && cargo build --release --quiet --bin wsgate --example bench_backend --example loadgen)
+# Two builds: one cargo invocation unifies features over all its targets, so building the
+# examples with wsgate would give wsgate the dev-dependencies' tokio `test-util` (its time driver
+# then reads the clock through a mutex), which neither a plain release build nor build-base.sh's
+# base binary has.
+(cd "$ROOT" && cargo build --release --quiet --bin wsgate)
+(cd "$ROOT" && cargo build --release --quiet --example bench_backend --example loadgen)
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 [[ $TARGET_DIR == /* ]] || TARGET_DIR=$ROOT/$TARGET_DIR
 WSGATE=$TARGET_DIR/release/wsgate
@@ -249,9 +274,12 @@ start_target() {
     direct)
         return 0
         ;;
-    wsgate)
+    wsgate | wsgate_base)
+        # One template, one placement: the two differ only in the binary.
+        local bin=$WSGATE
+        [[ $target == wsgate ]] || bin=$WSGATE_BASE
         render wsgate.toml.in "$OUT/conf/wsgate.toml" "$run"
-        start "$log" "$PROXY_CPU" "$WSGATE" --config "$OUT/conf/wsgate.toml" run
+        start "$log" "$PROXY_CPU" "$bin" --config "$OUT/conf/wsgate.toml" run
         ;;
     nginx)
         mkdir -p "$run"
@@ -378,6 +406,7 @@ measure() {
     local name transport driver figure better unit na args
     read -r name transport driver figure better unit na args <<<"$row"
     args=${args//@IDLE_CONNS@/$IDLE_CONNS}
+    args=${args//@IDLE_BURST@/$IDLE_BURST}
     local tag=$name.$target.$rep
     local head="\"run\":\"$STAMP\",\"scenario\":\"$name\",\"target\":\"$target\",\"repeat\":$rep"
     head+=",\"transport\":\"$transport\",\"figure\":\"$figure\",\"better\":\"$better\",\"unit\":\"$unit\""
@@ -457,6 +486,10 @@ version() {
     echo "wrk:         $(version wrk -v)"
     echo "rustc:       $(rustc --version)"
     echo "wsgate:      $("$WSGATE" --version) ($(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo 'no git'))"
+    if has_target wsgate_base; then
+        # build-base.sh puts the commit's full sha in the path.
+        echo "wsgate_base: $("$WSGATE_BASE" --version) ($WSGATE_BASE)"
+    fi
     echo "targets:     ${TARGETS[*]}"
     echo "scenarios:   $(printf '%s\n' "${ROWS[@]}" | awk '{ printf "%s ", $1 }')"
     echo "duration:    ${DURATION} s per window, warm-up ${WARMUP} s, repeats ${REPEAT}"
@@ -468,6 +501,7 @@ version() {
     echo "             key $(openssl pkey -in "$KEY" -noout -text 2>/dev/null | awk '/ASN1 OID|NIST CURVE/ { printf "%s ", $NF }')(the proxies serve this leaf; its CA is in certs/ca.pem)"
     echo "tls client:  loadgen: rustls (ring), TLS 1.3 as negotiated, SNI localhost, ALPN http/1.1 (h2 for h2_ws_echo), no session resumption; wrk: OpenSSL, no ALPN"
     echo "nofile:      RLIMIT_NOFILE $NOFILE (soft raised to hard); idle rows hold $IDLE_CONNS WebSockets"
+    echo "idle burst:  opened $IDLE_BURST at a time (the *_burst128 rows: 128)"
     echo "clk_tck:     $CLK_TCK (CPU times from /proc/PID/stat)"
     echo "tcp_tw_reuse: $(cat /proc/sys/net/ipv4/tcp_tw_reuse)"
 } >"$OUT/machine.txt"
