@@ -9,6 +9,7 @@ mod errors;
 mod frames;
 mod http;
 mod logs;
+mod reload;
 mod shutdown;
 mod tls;
 mod upstream_tls;

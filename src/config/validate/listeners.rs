@@ -40,7 +40,8 @@ impl Validator<'_> {
                     continue;
                 }
             };
-            if !binds.insert(bind) {
+            // Port 0 asks the system for a free port: every such listener gets its own.
+            if bind.port() != 0 && !binds.insert(bind) {
                 self.error(
                     listener.bind.span(),
                     format!("bind address {bind} is used by another listener"),

@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use wsgate::router::RouteStats;
+use wsgate::server::{ReloadError, ReloadSummary};
 use wsgate::snapshot::{Current, Snapshot};
 use wsgate::upstream::Endpoint;
-use wsgate::server::{ReloadError, ReloadSummary};
 use wsgate::Server;
 
 pub use backend::HttpBackend;
