@@ -36,6 +36,8 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub struct Listener {
     pub name: Arc<str>,
     pub socket: TcpListener,
+    /// Passed in by systemd rather than bound by wsgate.
+    pub inherited: bool,
     pub protocols: Arc<Protocols>,
     pub tls: Option<TlsAcceptor>,
     pub policy: Arc<ListenerPolicy>,
@@ -126,6 +128,9 @@ impl Listener {
                 }
             }
         }
+        // Closed before saying so: once this line is out, new connections to a shared
+        // (SO_REUSEPORT) address go to the other sockets of the group.
+        drop(self.socket);
         tracing::debug!(listener = %self.name, "stopped accepting");
     }
 }

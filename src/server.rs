@@ -8,12 +8,11 @@ use std::time::Duration;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::net::TcpListener;
-
 use crate::config::{self, Config};
 use crate::listener::{Listener, Protocols};
 use crate::proxy::{HttpsRedirect, ListenerPolicy, Proxy, Snapshot};
 use crate::shutdown::{self, Signal, Tracker, Trigger};
+use crate::sockets;
 use crate::telemetry;
 use crate::tls::{self, Terminator};
 
@@ -161,16 +160,15 @@ impl Server {
             if let Some(terminator) = &terminator {
                 reloadable.push((listener.name.clone(), terminator.clone()));
             }
-            let socket = TcpListener::bind(listener.bind)
-                .await
-                .map_err(|source| Error::Bind {
-                    listener: listener.name.clone(),
-                    address: listener.bind,
-                    source,
-                })?;
+            let socket = sockets::listen(listener).map_err(|source| Error::Bind {
+                listener: listener.name.clone(),
+                address: listener.bind,
+                source,
+            })?;
             listeners.push(Listener {
                 name: listener.name.as_str().into(),
-                socket,
+                socket: socket.listener,
+                inherited: socket.inherited,
                 protocols: Arc::new(Protocols::new(
                     &config.timeouts,
                     &config.limits,
@@ -232,8 +230,11 @@ impl Server {
 
     /// Serves until `shutdown` completes, then drains for at most the configured period.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        for (name, address) in self.local_addrs() {
-            tracing::info!(listener = %name, %address, "listening");
+        for listener in &self.listeners {
+            if let Ok(address) = listener.socket.local_addr() {
+                let inherited = listener.inherited;
+                tracing::info!(listener = %listener.name, %address, inherited, "listening");
+            }
         }
         let drain_signal = self.drain_signal;
         let connections = Tracker::default();
