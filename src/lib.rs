@@ -4,7 +4,8 @@
 //!
 //! - `config`: the TOML file, validated once into the typed values every other module shares.
 //! - `server`: binds the listeners, serves, turns a shutdown into a drain.
-//! - `sockets`: where a listener's socket comes from: bound here, with SO_REUSEPORT on request.
+//! - `sockets`: where a listener's socket comes from: systemd (socket activation), or bound
+//!   here, with SO_REUSEPORT on request.
 //! - `listener`: the accept loop, the TLS step, and the hyper connection for each client.
 //! - `tls`: certificates by SNI, rustls server configs, the bounded handshake.
 //! - `proxy`: one request's life: route, classify, forward, relay or tunnel.

@@ -30,6 +30,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Upstream(#[from] crate::upstream::SetupError),
+    #[error(transparent)]
+    Inherited(#[from] sockets::Error),
     #[error("listener {listener:?}: TLS")]
     Tls {
         listener: String,
@@ -154,17 +156,19 @@ impl Server {
     /// Binds every listener, so that a port already in use fails before anything serves.
     pub async fn bind(config: &Config) -> Result<Server, Error> {
         let terminators = terminators(config)?;
+        let mut inherited = sockets::Inherited::from_env()?;
         let mut listeners = Vec::with_capacity(config.listeners.len());
         let mut reloadable = Vec::new();
         for (listener, terminator) in config.listeners.iter().zip(terminators) {
             if let Some(terminator) = &terminator {
                 reloadable.push((listener.name.clone(), terminator.clone()));
             }
-            let socket = sockets::listen(listener).map_err(|source| Error::Bind {
-                listener: listener.name.clone(),
-                address: listener.bind,
-                source,
-            })?;
+            let socket =
+                sockets::listen(listener, &mut inherited).map_err(|source| Error::Bind {
+                    listener: listener.name.clone(),
+                    address: listener.bind,
+                    source,
+                })?;
             listeners.push(Listener {
                 name: listener.name.as_str().into(),
                 socket: socket.listener,
@@ -179,6 +183,7 @@ impl Server {
                 tls_failures: Arc::default(),
             });
         }
+        inherited.warn_unclaimed();
         let tunnels = Tracker::default();
         let (close_tunnels, close_signal) = shutdown::channel();
         let (drain_start, drain_signal) = shutdown::channel();
