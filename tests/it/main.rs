@@ -10,6 +10,7 @@ mod frames;
 mod http;
 mod logs;
 mod shutdown;
+mod sockets;
 mod tls;
 mod upstream_tls;
 mod websocket;
