@@ -4,6 +4,8 @@
 //!
 //! - `config`: the TOML file, validated once into the typed values every other module shares.
 //! - `server`: binds the listeners, serves, turns a shutdown into a drain.
+//! - `sockets`: where a listener's socket comes from: systemd (socket activation), or bound
+//!   here, with SO_REUSEPORT on request.
 //! - `listener`: the accept loop, the TLS step, and the hyper connection for each client.
 //! - `tls`: certificates by SNI, rustls server configs, the bounded handshake.
 //! - `proxy`: one request's life: route, classify, forward, relay or tunnel.
@@ -24,6 +26,7 @@ pub mod router;
 pub mod server;
 pub mod shutdown;
 pub mod snapshot;
+mod sockets;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

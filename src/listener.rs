@@ -37,6 +37,8 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub struct Listener {
     pub name: Arc<str>,
     pub socket: TcpListener,
+    /// Passed in by systemd rather than bound by wsgate.
+    pub inherited: bool,
     /// How connections are served; a reload swaps it, and each new connection loads it once.
     pub ctx: Arc<ArcSwap<ListenerCtx>>,
     /// Failed TLS handshakes, for operators to watch.
@@ -133,6 +135,9 @@ impl Listener {
                 }
             }
         }
+        // Closed before saying so: once this line is out, new connections to a shared
+        // (SO_REUSEPORT) address go to the other sockets of the group.
+        drop(self.socket);
         tracing::debug!(listener = %self.name, "stopped accepting");
     }
 }

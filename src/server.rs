@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{self, Config};
@@ -19,6 +18,7 @@ use crate::listener::{Listener, ListenerCtx, Protocols};
 use crate::proxy::Proxy;
 use crate::shutdown::{self, Signal, Tracker, Trigger};
 use crate::snapshot::{Current, Snapshot};
+use crate::sockets;
 use crate::telemetry;
 use crate::tls::{self, Terminator};
 
@@ -36,6 +36,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Upstream(#[from] crate::upstream::SetupError),
+    #[error(transparent)]
+    Inherited(#[from] sockets::Error),
     #[error("listener {listener:?}: TLS")]
     Tls {
         listener: String,
@@ -231,14 +233,16 @@ fn listener_ctx(
     }
 }
 
-async fn bind(listener: &config::Listener) -> Result<TcpListener, Error> {
-    TcpListener::bind(listener.bind)
-        .await
-        .map_err(|source| Error::Bind {
-            listener: listener.name.clone(),
-            address: listener.bind,
-            source,
-        })
+/// The listener's socket: inherited from systemd (at start only), or bound.
+fn listen(
+    listener: &config::Listener,
+    inherited: &mut sockets::Inherited,
+) -> Result<sockets::Socket, Error> {
+    sockets::listen(listener, inherited).map_err(|source| Error::Bind {
+        listener: listener.name.clone(),
+        address: listener.bind,
+        source,
+    })
 }
 
 /// One listener as the running gateway knows it.
@@ -264,11 +268,14 @@ impl Server {
     pub async fn bind(config: &Config, source: Option<PathBuf>) -> Result<Server, Error> {
         let terminators = terminators(config)?;
         let snapshot = Snapshot::build(config, None)?;
+        let mut inherited = sockets::Inherited::from_env()?;
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for listener in &config.listeners {
+            let socket = listen(listener, &mut inherited)?;
             listeners.push(Listener {
                 name: listener.name.as_str().into(),
-                socket: bind(listener).await?,
+                socket: socket.listener,
+                inherited: socket.inherited,
                 ctx: Arc::new(ArcSwap::from_pointee(listener_ctx(
                     config,
                     listener,
@@ -277,6 +284,7 @@ impl Server {
                 tls_failures: Arc::default(),
             });
         }
+        inherited.warn_unclaimed();
         let certificates = Certificates::default();
         certificates.terminators.store(Arc::new(
             config
@@ -349,7 +357,8 @@ impl Server {
             let Ok(local) = listener.socket.local_addr() else {
                 continue;
             };
-            tracing::info!(listener = %listener.name, address = %local, "listening");
+            let inherited = listener.inherited;
+            tracing::info!(listener = %listener.name, address = %local, inherited, "listening");
             running.insert(
                 config.name.clone(),
                 self.spawn_listener(listener, config.bind, local, &connections),
@@ -438,11 +447,8 @@ impl Server {
         let stays = |l: &config::Listener| running.get(&l.name).is_some_and(|r| r.bind == l.bind);
         let mut fresh = Vec::new();
         for listener in config.listeners.iter().filter(|l| !stays(l)) {
-            let socket = match bind(listener).await {
-                Ok(socket) => socket,
-                // Taken back by dropping what was bound: the old config keeps serving.
-                Err(err) => return Err(err.into()),
-            };
+            // On failure, what was bound so far is dropped: the old config keeps serving.
+            let socket = listen(listener, &mut sockets::Inherited::default())?;
             fresh.push((listener, socket));
         }
 
@@ -492,12 +498,13 @@ impl Server {
             }
         }
         for (listener, socket) in fresh {
-            let local = socket.local_addr().unwrap_or(listener.bind);
-            tracing::info!(listener = %listener.name, address = %local, "listening");
+            let local = socket.listener.local_addr().unwrap_or(listener.bind);
+            tracing::info!(listener = %listener.name, address = %local, inherited = false, "listening");
             let ctx = listener_ctx(&config, listener, &terminators);
             let serving = Listener {
                 name: listener.name.as_str().into(),
-                socket,
+                socket: socket.listener,
+                inherited: false,
                 ctx: Arc::new(ArcSwap::from_pointee(ctx)),
                 tls_failures: Arc::default(),
             };

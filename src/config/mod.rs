@@ -126,6 +126,9 @@ pub struct Listener {
     pub bind: SocketAddr,
     /// HTTP/2 besides HTTP/1.1: offered by ALPN with TLS, prior-knowledge h2c without.
     pub http2: bool,
+    /// Binds with SO_REUSEPORT, so that a second wsgate can bind the same address while this
+    /// one drains (an upgrade without socket activation).
+    pub reuse_port: bool,
     pub tls: Option<Tls>,
     /// A plain listener that sends clients to HTTPS.
     pub redirect_https: Option<RedirectHttps>,

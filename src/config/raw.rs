@@ -62,6 +62,7 @@ pub struct Listener {
     pub name: Spanned<String>,
     pub bind: Spanned<String>,
     pub http2: Option<bool>,
+    pub reuse_port: Option<bool>,
     pub tls: Option<Tls>,
     pub redirect_https: Option<Spanned<RedirectHttps>>,
 }

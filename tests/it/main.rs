@@ -11,6 +11,7 @@ mod http;
 mod logs;
 mod reload;
 mod shutdown;
+mod sockets;
 mod tls;
 mod upstream_tls;
 mod websocket;

@@ -187,28 +187,13 @@ const BINARY_CONFIG: &str = "[log]\nlevel = \"info\"\n\n\
                              [[listener]]\nname = \"http\"\nbind = \"127.0.0.1:0\"\n\n\
                              [[route]]\nname = \"health\"\npath = \"/healthz\"\nrespond = { status = 200, body = \"up\" }\n";
 
-/// A blocking GET with bounded socket timeouts; returns the whole response.
-fn blocking_get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, WAIT).expect("connect");
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    stream.set_write_timeout(Some(WAIT)).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    response
-}
-
 #[test]
 fn binary_exits_0_on_sigterm_when_idle() {
     let config = TempFile::new("sigterm", BINARY_CONFIG);
     let mut gateway = binary::Gateway::spawn(&config.path);
     let addr = gateway.listening_address();
     binary::wait_until_connectable(addr);
-    let response = blocking_get(addr, "/healthz");
+    let response = binary::get(addr, "/healthz");
     assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
     assert!(response.ends_with("\r\n\r\nup"), "{response}");
     gateway.wait_for_signal_handlers();
@@ -228,7 +213,7 @@ fn binary_catches_sigterm_as_soon_as_it_serves() {
     for attempt in 0..50 {
         let mut gateway = binary::Gateway::spawn(&config.path);
         let addr = gateway.listening_address();
-        let response = blocking_get(addr, "/healthz");
+        let response = binary::get(addr, "/healthz");
         assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
         assert_ne!(
             gateway.catches_term_and_int(),

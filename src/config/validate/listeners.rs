@@ -64,6 +64,7 @@ impl Validator<'_> {
                 bind,
                 // HTTP/2 is what browsers speak over TLS; h2c is opt-in.
                 http2: listener.http2.unwrap_or(tls.is_some()),
+                reuse_port: listener.reuse_port.unwrap_or(false),
                 tls,
                 redirect_https,
             });
@@ -266,5 +267,18 @@ mod tests {
             errors(text),
             ["t.toml:6:15: client certificates need client_ca = \"ca.pem\""]
         );
+    }
+
+    #[test]
+    fn reuse_port_is_opt_in() {
+        let text = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:81\"\nreuse_port = true\n";
+        let config = validate(text, "t.toml").unwrap();
+        assert!(!config.listeners[0].reuse_port);
+        assert!(config.listeners[1].reuse_port);
+
+        let text = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\nreuse_port = \"yes\"\n";
+        let errs = errors(text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].starts_with("t.toml:4:14: invalid type"), "{errs:?}");
     }
 }

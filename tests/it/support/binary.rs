@@ -4,8 +4,10 @@
 //! Waiting on a process has no event to await from std, so these waits poll `try_wait` with a
 //! short sleep, bounded in count and time.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -46,9 +48,16 @@ impl Drop for TempFile {
 
 fn command(args: &[&str]) -> Command {
     let mut command = Command::new(BIN);
+    command.args(args);
+    quiet(command)
+}
+
+fn quiet(mut command: Command) -> Command {
     command
-        .args(args)
         .env_remove("RUST_LOG")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_FDNAMES")
         // Left to wsgate to see that stderr is a pipe: every log line a test reads proves it.
         .env_remove("NO_COLOR")
         .stdin(Stdio::null())
@@ -107,9 +116,38 @@ pub struct Gateway {
 impl Gateway {
     pub fn spawn(config: &Path) -> Gateway {
         let config = config.to_str().expect("UTF-8 temp path");
-        let mut child = command(&["--config", config])
-            .spawn()
-            .expect("spawn wsgate");
+        Gateway::start(command(&["--config", config]))
+    }
+
+    /// Starts wsgate the way systemd's socket activation does: `socket` as fd 3,
+    /// `LISTEN_FDS=1`, `LISTEN_PID` its own pid and, if given, `LISTEN_FDNAMES`.
+    pub fn spawn_with_socket(
+        config: &Path,
+        socket: &impl AsRawFd,
+        fdname: Option<&str>,
+    ) -> Gateway {
+        let config = config.to_str().expect("UTF-8 temp path");
+        // The pid is known only in the child: the shell exports its own, which `exec` keeps.
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", r#"export LISTEN_PID=$$; exec "$0" "$@""#, BIN])
+            .args(["--config", config]);
+        let mut command = quiet(command);
+        command.env("LISTEN_FDS", "1");
+        if let Some(name) = fdname {
+            command.env("LISTEN_FDNAMES", name);
+        }
+        let fd = socket.as_raw_fd();
+        // SAFETY: the hook runs in the forked child before exec and calls only dup2 and
+        // fcntl, which are async-signal-safe; it allocates nothing and takes no lock.
+        unsafe {
+            command.pre_exec(move || place_at_fd_3(fd));
+        }
+        Gateway::start(command)
+    }
+
+    fn start(mut command: Command) -> Gateway {
+        let mut child = command.spawn().expect("spawn wsgate");
         let _ = read_all(child.stdout.take().unwrap());
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();
@@ -199,9 +237,29 @@ impl Gateway {
         assert!(status.success(), "kill -s {name} failed");
     }
 
+    /// Whether the process is still running (not yet exited).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         wait_bounded(&mut self.child, limit)
     }
+}
+
+/// In a pre_exec hook: makes `fd` the child's fd 3, open across exec (std opens every fd
+/// close-on-exec; a dup2'd copy is not).
+fn place_at_fd_3(fd: RawFd) -> std::io::Result<()> {
+    let placed = if fd == 3 {
+        // dup2 onto itself would keep close-on-exec.
+        unsafe { libc::fcntl(3, libc::F_SETFD, 0) }
+    } else {
+        unsafe { libc::dup2(fd, 3) }
+    };
+    if placed < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Drop for Gateway {
@@ -226,4 +284,20 @@ pub fn wait_until_connectable(addr: SocketAddr) {
         std::thread::sleep(POLL);
     }
     panic!("{addr} never accepted a connection");
+}
+
+/// A blocking GET on a new connection, with bounded socket timeouts; returns the whole
+/// response.
+pub fn get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, WAIT).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.set_write_timeout(Some(WAIT)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
 }
