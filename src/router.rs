@@ -11,7 +11,7 @@ use crate::config::{self, Action, HostPattern};
 /// What a matched route does, plus its live counters.
 #[derive(Debug)]
 pub struct Route {
-    pub name: String,
+    pub name: Arc<str>,
     pub target: Target,
     /// Lowercase Upgrade protocols besides `websocket` that may pass.
     pub upgrades: Vec<String>,
@@ -132,7 +132,7 @@ impl Router {
         let routes = routes
             .iter()
             .map(|route| Route {
-                name: route.name.clone(),
+                name: route.name.as_str().into(),
                 target: match &route.action {
                     Action::Proxy { upstream } => Target::Proxy {
                         upstream: *upstream,
@@ -145,7 +145,7 @@ impl Router {
                 upgrades: route.upgrades.clone(),
                 websocket: route.websocket,
                 stats: previous
-                    .and_then(|p| p.routes.iter().find(|r| r.name == route.name))
+                    .and_then(|p| p.routes.iter().find(|r| *r.name == *route.name))
                     .map_or_else(Arc::default, |r| r.stats.clone()),
             })
             .collect();
@@ -224,7 +224,7 @@ mod tests {
             ("www.example.com.", "/api/x", "exact-api"),
         ];
         for (host, path, want) in cases {
-            let got = router.route(host, path).map(|r| r.name.as_str());
+            let got = router.route(host, path).map(|r| &*r.name);
             assert_eq!(got, Some(want), "{host} {path}");
         }
     }

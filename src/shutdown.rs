@@ -1,34 +1,142 @@
 //! Drain primitives: a `Trigger` that tells everyone to stop, and a `Tracker` whose drop-guards
 //! count what is still running so that shutdown waits on events, never on a fixed sleep.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 
-/// Fires a `Signal` once; every clone of the signal sees it.
+/// Fires a `Signal` once; every clone of the signal sees it. Dropping it unfired completes
+/// the signal too: nobody can fire it any more, and waiting forever would hide a bug as a hang.
 #[derive(Debug)]
-pub struct Trigger(watch::Sender<bool>);
+pub struct Trigger(Arc<Inner>);
 
-#[derive(Debug, Clone)]
-pub struct Signal(watch::Receiver<bool>);
+/// Waits for a `Trigger`. Polling one costs an atomic load once registered, and a waiting
+/// signal holds no future of its own (a waker in the trigger's list), so that the 10,000s of
+/// open tunnels that each wait on a few signals stay small.
+#[derive(Debug)]
+pub struct Signal {
+    inner: Arc<Inner>,
+    /// This signal's slot in the trigger's waker list, once it has waited.
+    slot: Option<usize>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Set once, by `fire` or by the trigger's drop.
+    done: AtomicBool,
+    /// A value given with the firing (`fire_with`), read by whoever the signal wakes.
+    value: AtomicU64,
+    waiters: Mutex<Waiters>,
+}
+
+#[derive(Debug, Default)]
+struct Waiters {
+    slots: Vec<Option<Waker>>,
+    free: Vec<usize>,
+}
 
 pub fn channel() -> (Trigger, Signal) {
-    let (tx, rx) = watch::channel(false);
-    (Trigger(tx), Signal(rx))
+    let trigger = Trigger(Arc::default());
+    let signal = trigger.signal();
+    (trigger, signal)
 }
 
 impl Trigger {
     pub fn fire(&self) {
-        self.0.send_replace(true);
+        self.0.finish();
+    }
+
+    /// Fires, handing `value` to every signal (read with `Signal::value`).
+    pub fn fire_with(&self, value: u64) {
+        self.0.value.store(value, Ordering::Relaxed);
+        self.0.finish();
+    }
+
+    pub fn signal(&self) -> Signal {
+        Signal {
+            inner: self.0.clone(),
+            slot: None,
+        }
+    }
+}
+
+impl Drop for Trigger {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
+}
+
+impl Inner {
+    fn finish(&self) {
+        // Release pairs with the Acquire in `poll_fired`: `value` is visible once `done` is.
+        self.done.store(true, Ordering::Release);
+        let wakers: Vec<Waker> = {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            waiters.slots.iter_mut().filter_map(Option::take).collect()
+        };
+        wakers.into_iter().for_each(Waker::wake);
     }
 }
 
 impl Signal {
-    /// Completes once the trigger fired, or once it was dropped without firing (nobody can
-    /// fire it any more, and waiting forever would hide a bug as a hang).
+    /// Completes once the trigger fired (or was dropped without firing).
     pub async fn fired(&mut self) {
-        let _ = self.0.wait_for(|fired| *fired).await;
+        std::future::poll_fn(|cx| self.poll_fired(cx)).await;
+    }
+
+    /// Ready once fired. The first pending poll registers the task's waker; later polls only
+    /// look at the flag, so a signal must be polled from one task (as each owner does).
+    pub fn poll_fired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.inner.done.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        if self.slot.is_some() {
+            return Poll::Pending;
+        }
+        let mut waiters = self.inner.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        // Checked again under the lock: `finish` takes the wakers under it.
+        if self.inner.done.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        let waker = Some(cx.waker().clone());
+        let slot = match waiters.free.pop() {
+            Some(slot) => {
+                waiters.slots[slot] = waker;
+                slot
+            }
+            None => {
+                waiters.slots.push(waker);
+                waiters.slots.len() - 1
+            }
+        };
+        self.slot = Some(slot);
+        Poll::Pending
+    }
+
+    /// The value the trigger was fired with (0 for a plain `fire`).
+    pub fn value(&self) -> u64 {
+        self.inner.value.load(Ordering::Relaxed)
+    }
+}
+
+impl Clone for Signal {
+    fn clone(&self) -> Signal {
+        Signal {
+            inner: self.inner.clone(),
+            slot: None,
+        }
+    }
+}
+
+impl Drop for Signal {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot {
+            let mut waiters = self.inner.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            waiters.slots[slot] = None;
+            waiters.free.push(slot);
+        }
     }
 }
 
@@ -124,5 +232,30 @@ mod tests {
         let (trigger, signal) = channel();
         drop(trigger);
         within(&signal).await;
+    }
+
+    #[tokio::test]
+    async fn a_waiting_signal_dropped_frees_its_slot_and_values_reach_the_woken() {
+        let (trigger, signal) = channel();
+        for _ in 0..3 {
+            let mut waiting = signal.clone();
+            let polled = std::future::poll_fn(|cx| Poll::Ready(waiting.poll_fired(cx))).await;
+            assert!(polled.is_pending());
+            drop(waiting);
+        }
+        assert_eq!(
+            trigger.0.waiters.lock().unwrap().slots.len(),
+            1,
+            "slots are reused"
+        );
+        let mut waiting = signal.clone();
+        let woken = tokio::spawn(async move {
+            waiting.fired().await;
+            waiting.value()
+        });
+        tokio::task::yield_now().await;
+        trigger.fire_with(30_000);
+        let value = tokio::time::timeout(Duration::from_secs(10), woken).await;
+        assert_eq!(value.expect("woken").unwrap(), 30_000);
     }
 }

@@ -60,7 +60,7 @@ impl Snapshot {
     }
 
     pub fn upstream(&self, name: &str) -> Option<&UpstreamGroup> {
-        self.upstreams.iter().find(|u| u.name == name)
+        self.upstreams.iter().find(|u| &*u.name == name)
     }
 
     /// The policy of the listener called `name`. A listener removed by a reload has none: its

@@ -141,14 +141,14 @@ impl Proxy {
                 }
             },
         };
-        let route_name = route.map(|r| r.name.as_str());
+        let route_name = route.map(|r| &*r.name);
         let mut response = match result {
             Ok((response, server)) => {
                 if snapshot.access_log {
                     tracing::info!(
                         status = response.status().as_u16(),
                         route = route_name.unwrap_or("-"),
-                        server = server.as_ref().map_or("-", |e| e.label.as_str()),
+                        server = server.as_ref().map_or("-", |e| &*e.label),
                         method = %facts.method,
                         host = host_text,
                         path,
@@ -229,7 +229,7 @@ impl Proxy {
         }
 
         let upstream_failed = |source| ProxyError::Upstream {
-            upstream: upstream.name.clone(),
+            upstream: upstream.name.to_string(),
             source,
         };
         let mut lease = upstream
@@ -270,7 +270,7 @@ impl Proxy {
         });
         let Some(upgrade) = switched else {
             return Err(ProxyError::BadSwitch {
-                upstream: upstream.name.clone(),
+                upstream: upstream.name.to_string(),
             });
         };
         let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -326,14 +326,18 @@ impl Proxy {
             options,
             signals,
         } = tunnel;
-        let lease = lease.into_tunnel();
-        let guard = self.tunnels.guard();
-        let stats = route.stats.clone();
-        stats.tunnel_opened();
+        route.stats.tunnel_opened();
+        let hold = TunnelHold {
+            lease: lease.into_tunnel(),
+            _guard: self.tunnels.guard(),
+            stats: route.stats.clone(),
+        };
+        // This small task only waits for both sides to switch; the tunnel is a task of its
+        // own, allocated once the handshake's buffers are freed.
         tokio::spawn(async move {
             match tokio::try_join!(client, upstream) {
                 Ok((client, upstream)) => {
-                    tunnel::run(client, upstream, &labels, options, signals).await;
+                    tunnel::spawn(client, upstream, labels, options, signals, hold);
                 }
                 Err(err) => tracing::debug!(
                     route = %labels.route,
@@ -342,10 +346,22 @@ impl Proxy {
                     "upgrade did not complete"
                 ),
             }
-            stats.tunnel_closed();
-            drop(lease);
-            drop(guard);
         });
+    }
+}
+
+/// What lives exactly as long as a tunnel: its lease on the server (counted by
+/// least-connections), its place in the drain, and the route's count of open tunnels.
+struct TunnelHold {
+    #[allow(dead_code)]
+    lease: Lease,
+    _guard: crate::shutdown::Guard,
+    stats: Arc<crate::router::RouteStats>,
+}
+
+impl Drop for TunnelHold {
+    fn drop(&mut self) {
+        self.stats.tunnel_closed();
     }
 }
 

@@ -20,10 +20,11 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{self, Balance, ServerAddress, Timeouts};
+use crate::shutdown::{self, Signal, Trigger};
 use crate::telemetry::error_chain;
 use crate::tls;
 use pool::Pool;
@@ -32,23 +33,23 @@ use pool::Pool;
 pub enum Error {
     #[error("connect to {server} failed")]
     Connect {
-        server: String,
+        server: Arc<str>,
         #[source]
         source: io::Error,
     },
     #[error("connect to {server} timed out after {after:?}")]
-    ConnectTimeout { server: String, after: Duration },
+    ConnectTimeout { server: Arc<str>, after: Duration },
     #[error("TLS with {server} failed")]
     Tls {
-        server: String,
+        server: Arc<str>,
         #[source]
         source: io::Error,
     },
     #[error("{server} sent no response head within {after:?} of the request")]
-    ResponseTimeout { server: String, after: Duration },
+    ResponseTimeout { server: Arc<str>, after: Duration },
     #[error("exchange with {server} failed")]
     Exchange {
-        server: String,
+        server: Arc<str>,
         #[source]
         source: hyper::Error,
     },
@@ -63,7 +64,7 @@ impl Error {
 
 #[derive(Debug)]
 pub struct UpstreamGroup {
-    pub name: String,
+    pub name: Arc<str>,
     balance: Balance,
     /// Kept to tell whether a reload changed how the group's TLS servers are reached.
     tls: config::UpstreamTls,
@@ -81,13 +82,14 @@ pub struct Endpoint {
     /// For `https://` servers.
     tls: Option<Tls>,
     /// The address as configured, for logs and error pages.
-    pub label: String,
+    pub label: Arc<str>,
     /// Leases alive: requests in flight plus open tunnels.
     active: AtomicUsize,
     tunnels: AtomicUsize,
     pool: Pool<RequestBody>,
-    /// Set by a reload that removed the server: its tunnels close, spread over this window.
-    retired: watch::Sender<Option<Duration>>,
+    /// Fired by a reload that removed the server, with the window (in milliseconds) over
+    /// which its tunnels close.
+    retired: Trigger,
 }
 
 /// The connector and the name a TLS server is sent (SNI) and verified against.
@@ -118,12 +120,12 @@ impl Endpoint {
     /// The server left the configuration: its tunnels close at random moments within
     /// `spread`, so that their clients do not all reconnect at once.
     pub fn retire(&self, spread: Duration) {
-        self.retired.send_replace(Some(spread));
+        self.retired.fire_with(spread.as_millis() as u64);
     }
 
-    /// What a tunnel on this server watches for its retirement.
-    pub fn retirement(&self) -> watch::Receiver<Option<Duration>> {
-        self.retired.subscribe()
+    /// What a tunnel on this server waits on for its retirement.
+    pub fn retirement(&self) -> Signal {
+        self.retired.signal()
     }
 
     async fn connect(&self, after: Duration) -> Result<SendRequest<RequestBody>, Error> {
@@ -244,17 +246,18 @@ impl UpstreamGroup {
                 label: match tls {
                     Some(_) => format!("https://{}", server.address),
                     None => server.address.to_string(),
-                },
+                }
+                .into(),
                 address: server.address.clone(),
                 tls,
                 active: AtomicUsize::new(0),
                 tunnels: AtomicUsize::new(0),
                 pool: Pool::default(),
-                retired: watch::Sender::new(None),
+                retired: shutdown::channel().0,
             }));
         }
         Ok(UpstreamGroup {
-            name: config.name.clone(),
+            name: config.name.as_str().into(),
             balance: config.balance,
             tls: config.tls.clone(),
             endpoints,

@@ -653,7 +653,7 @@ async fn upstream_named_by_host_name_is_resolved() {
     let reply = get(gw.addr, "app.test", "/").await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(
-        gw.endpoint("app", 0).label,
+        *gw.endpoint("app", 0).label,
         format!("localhost:{}", backend.addr.port())
     );
 }

@@ -6,9 +6,11 @@
 //! no buffer at all, unlike `tokio::io::copy_bidirectional`'s two 8 KiB buffers per tunnel.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -32,14 +34,14 @@ thread_local! {
 mod watch;
 
 use watch::{Control, Rules, Watch};
-pub use watch::{FrameCounts, Violation};
+pub use watch::{FrameCounts, ProtocolError, Violation};
 
 /// What the close log line names.
 #[derive(Debug)]
 pub struct Labels {
-    pub route: String,
-    pub upstream: String,
-    pub server: String,
+    pub route: Arc<str>,
+    pub upstream: Arc<str>,
+    pub server: Arc<str>,
     pub client: SocketAddr,
 }
 
@@ -82,7 +84,8 @@ pub struct Keepalive {
 pub struct Signals {
     pub drain: Signal,
     pub close: Signal,
-    pub retire: tokio::sync::watch::Receiver<Option<Duration>>,
+    /// Fired with the spread in milliseconds.
+    pub retire: Signal,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,20 +152,55 @@ pub struct Outcome {
     pub down: Direction,
 }
 
-/// Runs the tunnel to its end and logs one line. Plain TCP on both sides is unwrapped from
-/// hyper's `Upgraded` so that reads go straight to the sockets.
-pub async fn run(
+/// Starts the tunnel as its own task, which runs to the end, logs one line, and drops `hold`
+/// (what must live as long as the tunnel: its lease, its drain guard). Plain TCP on both sides
+/// is unwrapped from hyper's `Upgraded` so that reads go straight to the sockets.
+///
+/// The task is exactly one `Tunnel`: a hand-written future rather than an `async fn`, whose
+/// state machine would hold a second copy of the splice and a future per signal. An idle
+/// WebSocket costs this struct and its two sockets, nothing more.
+pub fn spawn<H: Send + 'static>(
     client: Upgraded,
     upstream: Upgraded,
-    labels: &Labels,
+    labels: Labels,
     options: Options,
     signals: Signals,
-) -> Outcome {
-    let started = Instant::now();
+    hold: H,
+) {
     let (client, early_client) = unwrap_tcp(client);
     let (upstream, early_upstream) = unwrap_tcp(upstream);
     let splice = Splice::new(client, early_client, upstream, early_upstream, &options);
-    let (result, outcome) = drive(splice, options, signals).await;
+    tokio::spawn(Tunnel {
+        driver: drive(splice, options, signals),
+        labels,
+        started: Instant::now(),
+        hold: Some(hold),
+    });
+}
+
+struct Tunnel<H> {
+    driver: Driver<Io, Io>,
+    labels: Labels,
+    started: Instant,
+    hold: Option<H>,
+}
+
+impl<H> Future for Tunnel<H> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // SAFETY: `driver` is pinned structurally and never moved out; the other fields are
+        // not pinned (`hold` is taken out, which is fine for an unpinned field).
+        let this = unsafe { self.get_unchecked_mut() };
+        let driver = unsafe { Pin::new_unchecked(&mut this.driver) };
+        let (result, outcome) = ready!(driver.poll(cx));
+        log_close(&this.labels, this.started, &result, &outcome);
+        this.hold = None;
+        Poll::Ready(())
+    }
+}
+
+fn log_close(labels: &Labels, started: Instant, result: &io::Result<()>, outcome: &Outcome) {
     let counts = |direction: &Direction| direction.frames.unwrap_or_default();
     let (up, down) = (counts(&outcome.up), counts(&outcome.down));
     let framed = outcome.up.frames.is_some();
@@ -185,7 +223,6 @@ pub async fn run(
         error = result.as_ref().err().map(tracing::field::display),
         "websocket closed"
     );
-    outcome
 }
 
 /// Plain TCP under hyper's `Upgraded` is taken out, with the bytes hyper had already read.
@@ -263,114 +300,145 @@ struct PingState {
 /// gets only `half_closed` of silence, so a peer that never closes its end cannot pin the
 /// tunnel. The one timer is re-armed only when it fires or a deadline moves earlier, so
 /// moving bytes never touches the timer wheel.
-async fn drive<A, B>(
-    mut splice: Splice<A, B>,
-    options: Options,
-    signals: Signals,
-) -> (io::Result<()>, Outcome)
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let Signals {
-        mut drain,
-        mut close,
-        mut retire,
-    } = signals;
-    let framed = options.frames.is_some();
-    let keepalive = options.frames.and_then(|frames| frames.keepalive);
-    let mut timers = Timers {
+fn drive<A, B>(splice: Splice<A, B>, options: Options, signals: Signals) -> Driver<A, B> {
+    let timers = Timers {
         idle: options.idle,
         half_closed: options.half_closed,
-        keepalive,
+        keepalive: options.frames.and_then(|frames| frames.keepalive),
         pings: [PingState::default(); 2],
         closing_until: None,
         retire_at: None,
     };
-    let mut retiring = false;
-    let mut reason = None;
-    let mut draining = false;
-    let timer = tokio::time::sleep_until(timers.next(&splice));
-    tokio::pin!(timer);
-    let result = loop {
-        let rearm = tokio::select! {
-            event = std::future::poll_fn(|cx| splice.poll_event(cx)) => match event {
-                Event::Finished(result) => break result,
-                Event::HalfClosed => {
-                    timers.idle = timers.idle.min(options.half_closed);
-                    true
+    let first = timers.next(&splice);
+    Driver {
+        state: State {
+            splice,
+            timers,
+            signals,
+            framed: options.frames.is_some(),
+            reason: None,
+            draining: false,
+            retiring: false,
+        },
+        timer: tokio::time::sleep_until(first),
+    }
+}
+
+struct Driver<A, B> {
+    state: State<A, B>,
+    timer: tokio::time::Sleep,
+}
+
+struct State<A, B> {
+    splice: Splice<A, B>,
+    timers: Timers,
+    signals: Signals,
+    framed: bool,
+    /// Why wsgate is ending the tunnel, once it is.
+    reason: Option<ClosedBy>,
+    draining: bool,
+    retiring: bool,
+}
+
+impl<A, B> Future for Driver<A, B>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    type Output = (io::Result<()>, Outcome);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // SAFETY: only `timer` is pinned structurally, and it is never moved out.
+        let Driver { state: this, timer } = unsafe { self.get_unchecked_mut() };
+        let mut timer = unsafe { Pin::new_unchecked(timer) };
+        // Each round handles one event; a round that handles none returns Pending.
+        loop {
+            let mut rearm = false;
+            if this.signals.close.poll_fired(cx).is_ready() {
+                this.reason = Some(ClosedBy::Shutdown);
+                return Poll::Ready(this.finish(Ok(())));
+            }
+            if this.framed && !this.draining && this.signals.drain.poll_fired(cx).is_ready() {
+                this.draining = true;
+                let going_away = frame::close_code::GOING_AWAY;
+                this.close_politely(ClosedBy::Drain, Side::Client, going_away, Some(going_away));
+                rearm = true;
+            }
+            if !this.retiring && this.signals.retire.poll_fired(cx).is_ready() {
+                this.retiring = true;
+                let spread = Duration::from_millis(this.signals.retire.value());
+                this.timers.retire_at = Some(Instant::now() + random_within(spread));
+                rearm = true;
+            }
+            match this.splice.poll_event(cx) {
+                Poll::Ready(Event::Finished(result)) => return Poll::Ready(this.finish(result)),
+                Poll::Ready(Event::HalfClosed) => {
+                    this.timers.idle = this.timers.idle.min(this.timers.half_closed);
+                    rearm = true;
                 }
-                Event::Violation(side, violation) => {
-                    if reason.is_none() {
-                        reason = Some(ClosedBy::Violation(side, violation));
-                        // The breaking side is told why; the other was sent 1001 already.
-                        splice.start_close(side, violation.close_code(), None);
-                        timers.closing();
-                    }
-                    true
+                Poll::Ready(Event::Violation(side, violation)) => {
+                    // The breaking side is told why; the other was sent 1001 already.
+                    let why = ClosedBy::Violation(side, violation);
+                    this.close_politely(why, side, violation.close_code(), None);
+                    rearm = true;
                 }
-            },
-            () = &mut timer => match timers.fired(&mut splice) {
-                Due::Nothing => true,
-                Due::Retire if !framed => {
-                    reason = reason.or(Some(ClosedBy::Retired));
-                    break Ok(());
+                Poll::Pending => {}
+            }
+            if rearm {
+                timer.as_mut().reset(this.timers.next(&this.splice));
+                continue;
+            }
+            ready!(timer.as_mut().poll(cx));
+            match this.timers.fired(&mut this.splice) {
+                Due::Nothing => {}
+                Due::Retire if !this.framed => {
+                    this.reason.get_or_insert(ClosedBy::Retired);
+                    return Poll::Ready(this.finish(Ok(())));
                 }
                 Due::Retire => {
-                    if reason.is_none() {
-                        reason = Some(ClosedBy::Retired);
-                        let restart = frame::close_code::SERVICE_RESTART;
-                        let going_away = frame::close_code::GOING_AWAY;
-                        splice.start_close(Side::Client, restart, Some(going_away));
-                        timers.closing();
-                    }
-                    true
+                    let restart = frame::close_code::SERVICE_RESTART;
+                    let going_away = frame::close_code::GOING_AWAY;
+                    this.close_politely(ClosedBy::Retired, Side::Client, restart, Some(going_away));
                 }
                 Due::Closing(why) => {
-                    reason = reason.or(Some(why));
-                    true
+                    this.reason.get_or_insert(why);
                 }
                 Due::End(why) => {
-                    reason = reason.or(Some(why));
-                    break Ok(());
+                    this.reason.get_or_insert(why);
+                    return Poll::Ready(this.finish(Ok(())));
                 }
-            },
-            () = drain.fired(), if framed && !draining => {
-                draining = true;
-                if reason.is_none() {
-                    reason = Some(ClosedBy::Drain);
-                    let going_away = frame::close_code::GOING_AWAY;
-                    splice.start_close(Side::Client, going_away, Some(going_away));
-                    timers.closing();
-                }
-                true
             }
-            spread = retire.wait_for(Option::is_some), if !retiring => {
-                retiring = true;
-                // A dropped sender (the server is gone altogether) also retires the tunnel.
-                let spread = spread.ok().and_then(|s| *s).unwrap_or_default();
-                timers.retire_at = Some(Instant::now() + random_within(spread));
-                true
-            }
-            () = close.fired() => {
-                reason = Some(ClosedBy::Shutdown);
-                break Ok(());
-            }
-        };
-        if rearm {
-            timer.as_mut().reset(timers.next(&splice));
+            timer.as_mut().reset(this.timers.next(&this.splice));
         }
-    };
-    let closed_by = reason.or(splice.first_eof).unwrap_or(match &result {
-        Err((side, _)) => *side,
-        Ok(()) => ClosedBy::Client,
-    });
-    let outcome = Outcome {
-        closed_by,
-        up: splice.up.direction(),
-        down: splice.down.direction(),
-    };
-    (result.map_err(|(_, err)| err), outcome)
+    }
+}
+
+impl<A, B> State<A, B> {
+    /// Sends `side` Close `code` and the other side `other` (unless already closing), and
+    /// bounds the close handshakes from now.
+    fn close_politely(&mut self, why: ClosedBy, side: Side, code: u16, other: Option<u16>) {
+        if self.reason.is_none() {
+            self.reason = Some(why);
+            self.splice.start_close(side, code, other);
+            self.timers.closing();
+        }
+    }
+
+    fn finish(&mut self, result: Result<(), (ClosedBy, io::Error)>) -> (io::Result<()>, Outcome) {
+        let closed_by = self
+            .reason
+            .or(self.splice.first_eof)
+            .unwrap_or(match &result {
+                Err((side, _)) => *side,
+                Ok(()) => ClosedBy::Client,
+            });
+        let outcome = Outcome {
+            closed_by,
+            up: self.splice.up.direction(),
+            down: self.splice.down.direction(),
+        };
+        (result.map_err(|(_, err)| err), outcome)
+    }
 }
 
 struct Timers {
@@ -457,7 +525,10 @@ impl Timers {
                     }
                     return Due::End(reason);
                 }
-                None if now >= heard + keepalive.interval && splice.half_toward(side).ping() => {
+                None if now >= heard + keepalive.interval => {
+                    // Counted as sent even when this direction already carried a Close (and
+                    // so takes no Ping): the peer then has `timeout` to finish closing.
+                    splice.half_toward(side).ping();
                     ping.sent = Some(now);
                 }
                 _ => {}
@@ -651,8 +722,8 @@ impl Half {
         let watch = options.frames.map(|frames| {
             Watch::new(Rules {
                 from,
-                max_frame: frames.max_frame,
-                max_message: frames.max_message,
+                max_frame: frames.max_frame.unwrap_or(u64::MAX),
+                max_message: frames.max_message.unwrap_or(u64::MAX),
                 strict: frames.strict,
                 deflate: frames.deflate,
                 pinged: frames
@@ -696,14 +767,10 @@ impl Half {
             .is_some_and(|watch| watch.at_boundary() && !watch.close_sent)
     }
 
-    /// Queues a Ping; false when this direction already carried a Close (nothing may follow).
-    fn ping(&mut self) -> bool {
-        match &mut self.watch {
-            Some(watch) if !watch.close_sent => {
-                watch.inject.get_or_insert(Control::Ping);
-                true
-            }
-            _ => false,
+    /// Queues a Ping, unless this direction already carried a Close (nothing may follow it).
+    fn ping(&mut self) {
+        if let Some(watch) = self.watch.as_mut().filter(|w| !w.close_sent) {
+            watch.inject.get_or_insert(Control::Ping);
         }
     }
 

@@ -22,7 +22,7 @@ struct Tunnel {
     upstream: DuplexStream,
     drain: Trigger,
     _close: Trigger,
-    retire: tokio::sync::watch::Sender<Option<Duration>>,
+    retire: Trigger,
     task: JoinHandle<(io::Result<()>, Outcome)>,
 }
 
@@ -51,7 +51,7 @@ fn start(options: Options) -> Tunnel {
     let (drain, drain_signal) = shutdown::channel();
     let (close, close_signal) = shutdown::channel();
     let splice = Splice::new(client_io, Bytes::new(), upstream_io, Bytes::new(), &options);
-    let (retire, retirement) = tokio::sync::watch::channel(None);
+    let (retire, retirement) = shutdown::channel();
     let signals = Signals {
         drain: drain_signal,
         close: close_signal,
@@ -370,26 +370,23 @@ async fn strict_mode_refuses_each_protocol_error_with_1002() {
         strict: true,
         ..FrameOptions::default()
     };
-    let cases: [(&str, bool, Vec<u8>); 7] = [
-        ("unmasked_client_frame", true, framed(TEXT, b"x", None)),
-        ("masked_server_frame", false, framed(TEXT, b"x", Some(MASK))),
-        ("reserved_opcode", true, framed(0x3, b"x", Some(MASK))),
-        ("reserved_bits", true, {
+    use super::watch::ProtocolError::*;
+    let cases: [(super::watch::ProtocolError, bool, Vec<u8>); 7] = [
+        (UnmaskedClientFrame, true, framed(TEXT, b"x", None)),
+        (MaskedServerFrame, false, framed(TEXT, b"x", Some(MASK))),
+        (ReservedOpcode, true, framed(0x3, b"x", Some(MASK))),
+        (ReservedBits, true, {
             let mut f = framed(TEXT, b"x", Some(MASK));
             f[0] |= 0x40;
             f
         }),
-        (
-            "control_frame_too_long",
-            false,
-            framed(PING, &[0; 126], None),
-        ),
-        ("fragmented_control_frame", true, {
+        (ControlFrameTooLong, false, framed(PING, &[0; 126], None)),
+        (FragmentedControlFrame, true, {
             let mut f = framed(PING, b"x", Some(MASK));
             f[0] &= 0x7f;
             f
         }),
-        ("bad_fragmentation", true, framed(0x0, b"x", Some(MASK))),
+        (BadFragmentation, true, framed(0x0, b"x", Some(MASK))),
     ];
     for (what, from_client, bytes) in cases {
         let code = close_code::PROTOCOL_ERROR;
@@ -475,7 +472,7 @@ async fn after_an_answer_the_next_ping_comes_one_interval_later_even_with_a_long
 async fn a_retired_server_closes_its_tunnels_with_1012_within_the_spread() {
     let mut t = start(options(FrameOptions::default()));
     let retired = Instant::now();
-    t.retire.send_replace(Some(Duration::from_secs(10)));
+    t.retire.fire_with(10_000);
     let (close, payload) = next_frame(&mut t.client).await;
     assert_eq!(close.opcode, CLOSE);
     assert_eq!(
@@ -504,4 +501,21 @@ fn retirement_moments_spread_over_the_whole_window() {
     // 200 uniform draws: all in one third of the window would be astronomically unlikely.
     assert!(moments.iter().any(|m| *m < Duration::from_secs(10)));
     assert!(moments.iter().any(|m| *m > Duration::from_secs(20)));
+}
+
+/// An idle WebSocket costs its task, which is one `Tunnel`: keep it from growing unnoticed.
+#[test]
+fn a_tunnel_task_stays_small() {
+    let size = std::mem::size_of::<super::Tunnel<()>>();
+    eprintln!(
+        "Tunnel {size} Splice {} Half {} Watch {} Timers {} Signals {} Labels {} Sleep {}",
+        std::mem::size_of::<Splice<Io, Io>>(),
+        std::mem::size_of::<Half>(),
+        std::mem::size_of::<Watch>(),
+        std::mem::size_of::<Timers>(),
+        std::mem::size_of::<Signals>(),
+        std::mem::size_of::<Labels>(),
+        std::mem::size_of::<tokio::time::Sleep>(),
+    );
+    assert!(size <= 1024, "a tunnel is {size} bytes");
 }

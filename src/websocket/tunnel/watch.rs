@@ -14,8 +14,9 @@ pub(super) const PING_TOKEN_LEN: usize = 8;
 pub(super) struct Rules {
     /// The peer this direction reads from.
     pub from: Side,
-    pub max_frame: Option<u64>,
-    pub max_message: Option<u64>,
+    /// `u64::MAX` for no limit: a word, not an `Option`'s two, in every tunnel.
+    pub max_frame: u64,
+    pub max_message: u64,
     pub strict: bool,
     /// permessage-deflate was negotiated, so RSV1 may be set on a message's first frame.
     pub deflate: bool,
@@ -38,7 +39,33 @@ pub enum Violation {
     /// A message's payload, fragments together, over `max_message`.
     MessageTooBig,
     /// Strict mode: what was wrong.
-    Protocol(&'static str),
+    Protocol(ProtocolError),
+}
+
+/// What strict mode refuses (RFC 6455 §5.1-§5.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtocolError {
+    UnmaskedClientFrame,
+    MaskedServerFrame,
+    ReservedOpcode,
+    ReservedBits,
+    ControlFrameTooLong,
+    FragmentedControlFrame,
+    BadFragmentation,
+}
+
+impl ProtocolError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProtocolError::UnmaskedClientFrame => "unmasked_client_frame",
+            ProtocolError::MaskedServerFrame => "masked_server_frame",
+            ProtocolError::ReservedOpcode => "reserved_opcode",
+            ProtocolError::ReservedBits => "reserved_bits",
+            ProtocolError::ControlFrameTooLong => "control_frame_too_long",
+            ProtocolError::FragmentedControlFrame => "fragmented_control_frame",
+            ProtocolError::BadFragmentation => "bad_fragmentation",
+        }
+    }
 }
 
 impl Violation {
@@ -46,7 +73,7 @@ impl Violation {
         match self {
             Violation::FrameTooBig => "max_frame",
             Violation::MessageTooBig => "max_message",
-            Violation::Protocol(what) => what,
+            Violation::Protocol(what) => what.as_str(),
         }
     }
 
@@ -75,8 +102,9 @@ enum Capture {
     None,
     /// The first two bytes: the status code.
     Close,
-    /// A Pong that may be wsgate's own; its header began at this offset of the current read.
-    Pong { start: usize },
+    /// A Pong that may be wsgate's own; its header began at this offset of the current read
+    /// (reads are at most 64 KiB).
+    Pong { start: u32 },
 }
 
 #[derive(Debug)]
@@ -290,13 +318,15 @@ impl Watch {
                 frame::PONG if rules.pinged && header.payload_len == PING_TOKEN_LEN as u64 => {
                     // A Pong whose header a read cut in two has partly gone on; it goes on
                     // whole (an unsolicited Pong is harmless, RFC 6455 §5.5.3).
-                    start.map_or(Capture::None, |start| Capture::Pong { start })
+                    start.map_or(Capture::None, |start| Capture::Pong {
+                        start: start as u32,
+                    })
                 }
                 _ => Capture::None,
             };
             return Ok(());
         }
-        if rules.max_frame.is_some_and(|max| header.payload_len > max) {
+        if header.payload_len > rules.max_frame {
             return Err(Violation::FrameTooBig);
         }
         self.message_len = if header.opcode == frame::CONTINUATION {
@@ -304,7 +334,7 @@ impl Watch {
         } else {
             header.payload_len
         };
-        if rules.max_message.is_some_and(|max| self.message_len > max) {
+        if self.message_len > rules.max_message {
             return Err(Violation::MessageTooBig);
         }
         self.in_message = !header.fin;
@@ -327,7 +357,7 @@ impl Watch {
             }
             Capture::Pong { start } => {
                 if capture.bytes == *ping_token() && !self.discard {
-                    output.keep_to(start);
+                    output.keep_to(start as usize);
                     output.drop_to(at);
                 }
             }
@@ -356,12 +386,16 @@ impl Watch {
 fn strict_check(header: &Header, rules: &Rules, in_message: bool) -> Result<(), Violation> {
     let masked = header.mask.is_some();
     match rules.from {
-        Side::Client if !masked => return Err(Violation::Protocol("unmasked_client_frame")),
-        Side::Upstream if masked => return Err(Violation::Protocol("masked_server_frame")),
+        Side::Client if !masked => {
+            return Err(Violation::Protocol(ProtocolError::UnmaskedClientFrame))
+        }
+        Side::Upstream if masked => {
+            return Err(Violation::Protocol(ProtocolError::MaskedServerFrame))
+        }
         _ => {}
     }
     if header.is_reserved_opcode() {
-        return Err(Violation::Protocol("reserved_opcode"));
+        return Err(Violation::Protocol(ProtocolError::ReservedOpcode));
     }
     let first_of_message = !header.is_control() && header.opcode != frame::CONTINUATION;
     let allowed_rsv = if rules.deflate && first_of_message {
@@ -370,17 +404,17 @@ fn strict_check(header: &Header, rules: &Rules, in_message: bool) -> Result<(), 
         0
     };
     if header.rsv & !allowed_rsv != 0 {
-        return Err(Violation::Protocol("reserved_bits"));
+        return Err(Violation::Protocol(ProtocolError::ReservedBits));
     }
     if header.is_control() {
         if header.payload_len > frame::MAX_CONTROL_PAYLOAD as u64 {
-            return Err(Violation::Protocol("control_frame_too_long"));
+            return Err(Violation::Protocol(ProtocolError::ControlFrameTooLong));
         }
         if !header.fin {
-            return Err(Violation::Protocol("fragmented_control_frame"));
+            return Err(Violation::Protocol(ProtocolError::FragmentedControlFrame));
         }
     } else if (header.opcode == frame::CONTINUATION) != in_message {
-        return Err(Violation::Protocol("bad_fragmentation"));
+        return Err(Violation::Protocol(ProtocolError::BadFragmentation));
     }
     Ok(())
 }

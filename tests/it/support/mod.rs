@@ -170,7 +170,7 @@ impl TestGateway {
     /// The live counters of the route called `name`.
     pub fn route_stats(&self, name: &str) -> Arc<RouteStats> {
         let snapshot = self.snapshot();
-        let route = snapshot.router.routes().iter().find(|r| r.name == name);
+        let route = snapshot.router.routes().iter().find(|r| &*r.name == name);
         route
             .unwrap_or_else(|| panic!("no route {name:?}"))
             .stats
@@ -180,7 +180,7 @@ impl TestGateway {
     /// Server `index` of the upstream called `upstream`.
     pub fn endpoint(&self, upstream: &str, index: usize) -> Arc<Endpoint> {
         let snapshot = self.snapshot();
-        let group = snapshot.upstreams.iter().find(|u| u.name == upstream);
+        let group = snapshot.upstreams.iter().find(|u| &*u.name == upstream);
         group
             .unwrap_or_else(|| panic!("no upstream {upstream:?}"))
             .endpoints()[index]
