@@ -19,7 +19,7 @@ pub struct Trigger(Arc<Inner>);
 pub struct Signal {
     inner: Arc<Inner>,
     /// This signal's slot in the trigger's waker list, once it has waited.
-    slot: Option<usize>,
+    slot: Option<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -34,7 +34,7 @@ struct Inner {
 #[derive(Debug, Default)]
 struct Waiters {
     slots: Vec<Option<Waker>>,
-    free: Vec<usize>,
+    free: Vec<u32>,
 }
 
 pub fn channel() -> (Trigger, Signal) {
@@ -103,12 +103,12 @@ impl Signal {
         let waker = Some(cx.waker().clone());
         let slot = match waiters.free.pop() {
             Some(slot) => {
-                waiters.slots[slot] = waker;
+                waiters.slots[slot as usize] = waker;
                 slot
             }
             None => {
                 waiters.slots.push(waker);
-                waiters.slots.len() - 1
+                (waiters.slots.len() - 1) as u32
             }
         };
         self.slot = Some(slot);
@@ -134,7 +134,7 @@ impl Drop for Signal {
     fn drop(&mut self) {
         if let Some(slot) = self.slot {
             let mut waiters = self.inner.waiters.lock().unwrap_or_else(|e| e.into_inner());
-            waiters.slots[slot] = None;
+            waiters.slots[slot as usize] = None;
             waiters.free.push(slot);
         }
     }

@@ -328,8 +328,27 @@ pub struct Lease {
     endpoint: Arc<Endpoint>,
     sender: Option<SendRequest<RequestBody>>,
     reused: bool,
-    tunnel: bool,
     timeouts: Timeouts,
+}
+
+/// A lease that became a tunnel: one pointer, since it lives in every open WebSocket. It counts
+/// as an open request and an open tunnel of its server until dropped.
+#[derive(Debug)]
+pub struct TunnelLease {
+    endpoint: Arc<Endpoint>,
+}
+
+impl TunnelLease {
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+}
+
+impl Drop for TunnelLease {
+    fn drop(&mut self) {
+        self.endpoint.active.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.tunnels.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Lease {
@@ -339,7 +358,6 @@ impl Lease {
             endpoint,
             sender: None,
             reused: false,
-            tunnel: false,
             timeouts: *timeouts,
         }
     }
@@ -444,21 +462,20 @@ impl Lease {
         }
     }
 
-    /// The connection became a tunnel; the lease now counts it until dropped.
-    pub fn into_tunnel(mut self) -> Lease {
-        self.sender = None;
-        self.tunnel = true;
+    /// The connection became a tunnel; the returned lease counts it until dropped.
+    pub fn into_tunnel(self) -> TunnelLease {
         self.endpoint.tunnels.fetch_add(1, Ordering::Relaxed);
-        self
+        // The request count moves over to the tunnel lease, which gives it back on drop.
+        self.endpoint.active.fetch_add(1, Ordering::Relaxed);
+        TunnelLease {
+            endpoint: self.endpoint.clone(),
+        }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         self.endpoint.active.fetch_sub(1, Ordering::Relaxed);
-        if self.tunnel {
-            self.endpoint.tunnels.fetch_sub(1, Ordering::Relaxed);
-        }
     }
 }
 

@@ -178,7 +178,7 @@ pub fn spawn<H: Send + 'static>(
     });
 }
 
-struct Tunnel<H> {
+pub(crate) struct Tunnel<H> {
     driver: Driver<Io, Io>,
     labels: Labels,
     started: Instant,
