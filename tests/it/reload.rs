@@ -350,3 +350,61 @@ async fn tunnels_survive_ten_reloads_without_losing_a_message() {
     let status = tokio::task::block_in_place(|| gateway.wait_exit(WAIT));
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn a_listener_that_stays_takes_its_new_policy_at_once() {
+    let gw =
+        TestGateway::start("[[route]]\nname = \"r\"\nrespond = { status = 200, body = \"ok\" }\n")
+            .await;
+    assert_eq!(get(gw.addr, "a.test", "/x").await.status, 200);
+    let redirecting = "[[route]]\nname = \"r\"\nrespond = { status = 200, body = \"ok\" }\n\n[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\nredirect_https = {}\n";
+    let summary = gw.reload(redirecting).await.unwrap();
+    assert!(summary.listeners_added.is_empty() && summary.listeners_removed.is_empty());
+    let reply = get(gw.addr, "a.test", "/x").await;
+    assert_eq!(reply.status, 308);
+    assert_eq!(reply.headers["location"], "https://a.test/x");
+}
+
+/// `reload.watch`: the binary notices its config file change, takes a good one, and refuses a
+/// broken one naming each problem, still serving the last good config.
+#[test]
+fn the_binary_reloads_a_changed_file_and_logs_every_problem_of_a_broken_one() {
+    use crate::support::binary::{self, Gateway, TempFile};
+
+    let config = |body: &str| {
+        format!(
+            "[reload]\nwatch = true\nwatch_interval = \"50ms\"\n\n[[listener]]\nname = \"http\"\nbind = \"127.0.0.1:0\"\n\n[[route]]\nname = \"r\"\nrespond = {{ status = 200, body = \"{body}\" }}\n"
+        )
+    };
+    let file = TempFile::new("watched", &config("one"));
+    let mut gateway = Gateway::spawn(&file.path);
+    let addr = gateway.listening_address();
+    assert!(binary::get(addr, "/").ends_with("one"));
+    std::fs::write(&file.path, config("two, a longer body")).unwrap();
+    gateway.wait_for_line("config reloaded");
+    assert!(binary::get(addr, "/").ends_with("two, a longer body"));
+
+    let broken = config("three").replace(
+        "watch_interval = \"50ms\"",
+        "watch_interval = \"50ms\"\nclose_spread = \"often\"",
+    ) + "[[route]]\nname = \"s\"\npath = \"/s\"\nupstream = \"nowhere\"\n";
+    std::fs::write(&file.path, broken).unwrap();
+    let first = gateway.wait_for_line("config reload rejected");
+    let second = gateway.wait_for_line("config reload rejected");
+    let path = file.display();
+    assert!(
+        first.contains(&format!("{path}:4:16: invalid duration")),
+        "{first}"
+    );
+    assert!(
+        second.contains(&format!("{path}:16:12: route ")),
+        "{second}"
+    );
+    assert!(second.contains("refers to unknown upstream"), "{second}");
+    assert!(
+        binary::get(addr, "/").ends_with("two, a longer body"),
+        "the last good config serves"
+    );
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait_exit(WAIT).code(), Some(0));
+}
