@@ -3,7 +3,8 @@
 //! # Layout
 //!
 //! - `config`: the TOML file, validated once into the typed values every other module shares.
-//! - `server`: binds the listeners, serves, turns a shutdown into a drain.
+//! - `server`: binds the listeners, serves, reloads the whole config, turns a shutdown into a
+//!   drain.
 //! - `sockets`: where a listener's socket comes from: systemd (socket activation), or bound
 //!   here, with SO_REUSEPORT on request.
 //! - `listener`: the accept loop, the TLS step, and the hyper connection for each client.
@@ -12,7 +13,8 @@
 //! - `snapshot`: one configuration as requests read it, swapped whole by a reload.
 //! - `router`: host and path to a route.
 //! - `upstream`: server choice, connections and pooling, the lease that counts load.
-//! - `websocket`: handshake validation, and the tunnel that splices upgraded connections.
+//! - `websocket`: handshake validation, RFC 6455 frames, and the frame-aware tunnel that
+//!   splices upgraded connections.
 //! - `shutdown`: the drain signal and the trackers that count what is still running.
 //! - `telemetry`: logging setup.
 //!

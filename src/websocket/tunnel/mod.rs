@@ -642,36 +642,28 @@ where
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         let mut heard = [false; 2];
         let was_open = self.first_eof.is_none();
-        if !self.up.done {
-            let last = self.down.done;
-            let polled = self.up.poll(
-                cx,
-                &mut self.client,
-                &mut self.upstream,
-                last,
-                &mut heard[0],
-            );
-            if let Poll::Ready(result) = polled {
-                if let Err(err) = result {
-                    return Poll::Ready(Event::Finished(Err((ClosedBy::Client, err))));
+        let up = poll_direction(
+            &mut self.up,
+            cx,
+            (&mut self.client, &mut self.upstream),
+            self.down.done,
+            &mut heard[0],
+        );
+        // After `up`: if it has just ended, this one is the last.
+        let down = poll_direction(
+            &mut self.down,
+            cx,
+            (&mut self.upstream, &mut self.client),
+            self.up.done,
+            &mut heard[1],
+        );
+        for (ended, side) in [(up, ClosedBy::Client), (down, ClosedBy::Upstream)] {
+            match ended {
+                Some(Err(err)) => return Poll::Ready(Event::Finished(Err((side, err)))),
+                Some(Ok(())) => {
+                    self.first_eof.get_or_insert(side);
                 }
-                self.first_eof.get_or_insert(ClosedBy::Client);
-            }
-        }
-        if !self.down.done {
-            let last = self.up.done;
-            let polled = self.down.poll(
-                cx,
-                &mut self.upstream,
-                &mut self.client,
-                last,
-                &mut heard[1],
-            );
-            if let Poll::Ready(result) = polled {
-                if let Err(err) = result {
-                    return Poll::Ready(Event::Finished(Err((ClosedBy::Upstream, err))));
-                }
-                self.first_eof.get_or_insert(ClosedBy::Upstream);
+                None => {}
             }
         }
         if heard[0] || heard[1] {
@@ -695,6 +687,28 @@ where
         } else {
             Poll::Pending
         }
+    }
+}
+
+/// Polls one direction unless it is over; `Some` once it has just ended (or failed).
+/// `other_done`: the other direction is over already.
+fn poll_direction<R, W>(
+    half: &mut Half,
+    cx: &mut Context<'_>,
+    (reader, writer): (&mut R, &mut W),
+    other_done: bool,
+    heard: &mut bool,
+) -> Option<io::Result<()>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if half.done {
+        return None;
+    }
+    match half.poll(cx, reader, writer, other_done, heard) {
+        Poll::Ready(result) => Some(result),
+        Poll::Pending => None,
     }
 }
 
