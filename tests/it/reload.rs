@@ -377,10 +377,17 @@ fn the_binary_reloads_a_changed_file_and_logs_every_problem_of_a_broken_one() {
         )
     };
     let file = TempFile::new("watched", &config("one"));
+    // As an editor or a deploy tool should: a whole new file renamed over the old one, so
+    // that the watch never reads a half-written config.
+    let replace = |text: &str| {
+        let next = file.path.with_extension("next");
+        std::fs::write(&next, text).unwrap();
+        std::fs::rename(&next, &file.path).unwrap();
+    };
     let mut gateway = Gateway::spawn(&file.path);
     let addr = gateway.listening_address();
     assert!(binary::get(addr, "/").ends_with("one"));
-    std::fs::write(&file.path, config("two, a longer body")).unwrap();
+    replace(&config("two, a longer body"));
     gateway.wait_for_line("config reloaded");
     assert!(binary::get(addr, "/").ends_with("two, a longer body"));
 
@@ -388,7 +395,7 @@ fn the_binary_reloads_a_changed_file_and_logs_every_problem_of_a_broken_one() {
         "watch_interval = \"50ms\"",
         "watch_interval = \"50ms\"\nclose_spread = \"often\"",
     ) + "[[route]]\nname = \"s\"\npath = \"/s\"\nupstream = \"nowhere\"\n";
-    std::fs::write(&file.path, broken).unwrap();
+    replace(&broken);
     let first = gateway.wait_for_line("config reload rejected");
     let second = gateway.wait_for_line("config reload rejected");
     let path = file.display();
