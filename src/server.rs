@@ -154,9 +154,22 @@ type NamedTerminator = (String, Arc<Terminator>);
 struct Certificates {
     terminators: Arc<ArcSwap<Vec<NamedTerminator>>>,
     failures: Arc<AtomicU64>,
+    /// A config reload replaced the list: the watch looks at its intervals again.
+    replaced: Arc<tokio::sync::Notify>,
 }
 
 impl Certificates {
+    /// The TLS listeners of `config`, in its order.
+    fn replace(&self, config: &Config, terminators: &HashMap<String, Arc<Terminator>>) {
+        let named = config
+            .listeners
+            .iter()
+            .filter_map(|l| Some((l.name.clone(), terminators.get(&l.name)?.clone())))
+            .collect();
+        self.terminators.store(Arc::new(named));
+        self.replaced.notify_one();
+    }
+
     fn reload_all(&self) {
         for (listener, terminator) in self.terminators.load().iter() {
             self.reload_one(listener, terminator);
@@ -190,6 +203,7 @@ impl Certificates {
                 .unwrap_or(Duration::from_secs(3600));
             tokio::select! {
                 () = stop.fired() => return,
+                () = self.replaced.notified() => continue,
                 () = tokio::time::sleep(interval) => {}
             }
             for (listener, terminator) in self.terminators.load().iter() {
@@ -286,13 +300,7 @@ impl Server {
         }
         inherited.warn_unclaimed();
         let certificates = Certificates::default();
-        certificates.terminators.store(Arc::new(
-            config
-                .listeners
-                .iter()
-                .filter_map(|l| Some((l.name.clone(), terminators.get(&l.name)?.clone())))
-                .collect(),
-        ));
+        certificates.replace(config, &terminators);
         let tunnels = Tracker::default();
         let (close_tunnels, close_signal) = shutdown::channel();
         let current: Current = Arc::new(ArcSwap::from_pointee(snapshot));
@@ -475,13 +483,7 @@ impl Server {
                 r.stop.fire();
             }
         }
-        self.certificates.terminators.store(Arc::new(
-            config
-                .listeners
-                .iter()
-                .filter_map(|l| Some((l.name.clone(), terminators.get(&l.name)?.clone())))
-                .collect(),
-        ));
+        self.certificates.replace(&config, &terminators);
         self.current.store(Arc::new(snapshot));
 
         // Servers the new snapshot no longer has get no new requests; their tunnels close.

@@ -473,6 +473,55 @@ async fn h2_with_extended_connect(
     sender
 }
 
+/// A TLS listener added by a config reload is served at once, and its certificate files are
+/// watched like those of a listener that was there from the start.
+#[tokio::test]
+async fn a_tls_listener_added_by_a_reload_serves_and_watches_its_certificates() {
+    let site = site();
+    let routes = "[[route]]\nname = \"r\"\nrespond = { status = 200, body = \"ok\" }\n";
+    let gw = TestGateway::start(routes).await;
+    // Served once first, so that the certificate watch is already waiting when the reload
+    // comes (with no TLS listener it has nothing to look at for an hour).
+    assert_eq!(
+        crate::support::get(gw.addr, "a.test", "/").await.status,
+        200
+    );
+    let with_tls = tls_config(
+        &[&site.exact],
+        "watch_interval = \"50ms\"",
+        &format!("{routes}\n[[listener]]\nname = \"test\"\nbind = \"127.0.0.1:0\"\n"),
+    );
+    let summary = gw.reload(&with_tls).await.expect("reloaded");
+    assert_eq!(summary.listeners_added, ["tls"]);
+    let tls_addr = summary
+        .listening
+        .iter()
+        .find(|(name, _)| name == "tls")
+        .map(|(_, addr)| *addr)
+        .unwrap();
+    let client = site.pki.client_config(&[b"http/1.1"]);
+    let stream = tls_connect(tls_addr, "a.test", client.clone())
+        .await
+        .unwrap();
+    assert_eq!(served_certificate(&stream), site.exact.der);
+
+    let renewed = site.pki.reissue(&site.exact, &["a.test"]);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let stream = tls_connect(tls_addr, "a.test", client.clone())
+            .await
+            .unwrap();
+        if served_certificate(&stream) == renewed.der {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed certificate never served"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Renewed certificate files are picked up without a restart: a live wss tunnel keeps
 /// working, new handshakes get the new certificate, and a broken renewal (a key that does not
 /// match) keeps the previous certificate serving.
