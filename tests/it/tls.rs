@@ -289,7 +289,6 @@ async fn h2c_prior_knowledge_and_http11_share_a_plain_listener() {
 /// an HTTP/1.1 handshake with the backend (key made and accept checked by wsgate).
 #[tokio::test]
 async fn websockets_over_one_http2_connection() {
-    use hyper::ext::Protocol;
     use tokio_tungstenite::tungstenite::protocol::Role;
     use tokio_tungstenite::WebSocketStream;
 
@@ -304,14 +303,10 @@ async fn websockets_over_one_http2_connection() {
 
     let mut sockets = Vec::new();
     for i in 0..3 {
-        let mut request = Request::connect("https://a.test/chat")
-            .header("sec-websocket-version", "13")
-            .header("sec-websocket-protocol", "chat, superchat")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
+        let mut request = extended_connect("/chat", "websocket");
         request
-            .extensions_mut()
-            .insert(Protocol::from_static("websocket"));
+            .headers_mut()
+            .insert("sec-websocket-protocol", "chat, superchat".parse().unwrap());
         let mut response = within(WAIT, sender.send_request(request))
             .await
             .unwrap_or_else(|err| panic!("stream {i}: {err}"));
@@ -357,7 +352,6 @@ async fn websockets_over_one_http2_connection() {
 /// Close 1001 to the client on its stream and to the backend, then the close handshakes.
 #[tokio::test]
 async fn shutdown_sends_close_1001_to_websockets_over_http2() {
-    use hyper::ext::Protocol;
     use tokio_tungstenite::tungstenite::protocol::Role;
     use tokio_tungstenite::WebSocketStream;
 
@@ -372,13 +366,7 @@ async fn shutdown_sends_close_1001_to_websockets_over_http2() {
         .await
         .unwrap();
     let mut sender = h2_with_extended_connect(stream).await;
-    let mut request = Request::connect("https://a.test/chat")
-        .header("sec-websocket-version", "13")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    request
-        .extensions_mut()
-        .insert(Protocol::from_static("websocket"));
+    let request = extended_connect("/chat", "websocket");
     let mut response = within(WAIT, sender.send_request(request)).await.unwrap();
     assert_eq!(response.status(), 200);
     let upgraded = within(WAIT, hyper::upgrade::on(&mut response))
@@ -415,8 +403,6 @@ async fn shutdown_sends_close_1001_to_websockets_over_http2() {
 
 #[tokio::test]
 async fn extended_connect_for_another_protocol_gets_501() {
-    use hyper::ext::Protocol;
-
     let backend = WsBackend::start("a").await;
     let site = site();
     let config = tls_config(&[&site.exact], "", &proxy_config(&[backend.addr]));
@@ -425,15 +411,21 @@ async fn extended_connect_for_another_protocol_gets_501() {
         .await
         .unwrap();
     let mut sender = h2_with_extended_connect(stream).await;
-    let mut request = Request::connect("https://a.test/x")
+    let request = extended_connect("/x", "webtransport");
+    let response = within(WAIT, sender.send_request(request)).await.unwrap();
+    assert_eq!(response.status(), 501);
+}
+
+/// An RFC 8441 extended CONNECT for `path` on a.test with `:protocol` = `protocol`.
+fn extended_connect(path: &str, protocol: &'static str) -> Request<Empty<Bytes>> {
+    let mut request = Request::connect(format!("https://a.test{path}"))
         .header("sec-websocket-version", "13")
         .body(Empty::<Bytes>::new())
         .unwrap();
     request
         .extensions_mut()
-        .insert(Protocol::from_static("webtransport"));
-    let response = within(WAIT, sender.send_request(request)).await.unwrap();
-    assert_eq!(response.status(), 501);
+        .insert(hyper::ext::Protocol::from_static(protocol));
+    request
 }
 
 /// An HTTP/2 client connection whose server has enabled extended CONNECT. The server's
