@@ -450,3 +450,88 @@ fn reason(code: u16) -> &'static str {
         _ => "",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn rules(from: Side, pinged: bool) -> Rules {
+        Rules {
+            from,
+            max_frame: u64::MAX,
+            max_message: u64::MAX,
+            strict: false,
+            deflate: false,
+            pinged,
+        }
+    }
+
+    /// Frames with random opcodes and lengths (control frames short, as the RFC wants).
+    fn stream(frames: &[(u8, usize)], masked: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, &(opcode, len)) in frames.iter().enumerate() {
+            let payload = vec![i as u8; len];
+            frame::encode(&mut out, opcode, &payload, masked.then_some([1, 2, 3, 4]));
+        }
+        out
+    }
+
+    fn frames() -> impl Strategy<Value = Vec<(u8, usize)>> {
+        let frame = prop_oneof![
+            (Just(frame::TEXT), 0usize..300),
+            (Just(frame::BINARY), 0usize..70_000),
+            (Just(frame::PING), 0usize..126),
+            (Just(frame::PONG), 0usize..126),
+        ];
+        proptest::collection::vec(frame, 0..12)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// With nothing to insert or refuse, every read goes on unchanged however the stream
+        /// is cut, and the counts are the frames'.
+        #[test]
+        fn a_watch_with_nothing_to_do_changes_no_byte(
+            frames in frames(),
+            masked in any::<bool>(),
+            cuts in proptest::collection::vec(0usize..80_000, 0..8),
+        ) {
+            let bytes = stream(&frames, masked);
+            let from = if masked { Side::Client } else { Side::Upstream };
+            // Pinged, but no Pong carries wsgate's token: none may be taken out.
+            let mut watch = Watch::new(rules(from, true));
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (bytes.len() + 1)).collect();
+            cuts.push(0);
+            cuts.push(bytes.len());
+            cuts.sort_unstable();
+            for piece in cuts.windows(2) {
+                let (edited, violation) = watch.scan(&bytes[piece[0]..piece[1]]);
+                prop_assert!(edited.is_none());
+                prop_assert!(violation.is_none());
+            }
+            prop_assert!(watch.at_boundary());
+            prop_assert_eq!(watch.counts.frames, frames.len() as u64);
+        }
+
+        /// A Pong answering wsgate's Ping, whole within a read, is taken out; everything else
+        /// around it goes on in order.
+        #[test]
+        fn only_wsgate_s_own_pong_is_taken_out(
+            before in frames(),
+            after in frames(),
+        ) {
+            let mut bytes = stream(&before, true);
+            let kept_before = bytes.len();
+            frame::encode(&mut bytes, frame::PONG, ping_token(), Some([9, 9, 9, 9]));
+            let rest = stream(&after, true);
+            bytes.extend(&rest);
+            let mut watch = Watch::new(rules(Side::Client, true));
+            let (edited, _) = watch.scan(&bytes);
+            let expected = [&bytes[..kept_before], &rest[..]].concat();
+            prop_assert_eq!(edited.unwrap_or_else(|| bytes.clone()), expected);
+        }
+    }
+}
