@@ -2,6 +2,8 @@
 //! answers what the load generators send, so that the proxy in front of it is what gets measured.
 //!
 //! - `GET /big` answers 1 MiB; any other request answers a 6-byte body (keep-alive, HTTP/1.1).
+//! - `GET /hold?ms=N` answers that 6-byte body after N ms (at most 10 minutes): a long-poll
+//!   request, as socket.io's and SignalR's polling transports hold them open.
 //! - A WebSocket upgrade on any path gets its `101` and then a raw byte echo: the client's masked
 //!   frames come back unchanged. The proxies under test are not frame-aware, and the load
 //!   generator only counts frame boundaries, so decoding frames here would only add cost. Frame
@@ -71,6 +73,9 @@ struct Args {
 
 const SMALL_BODY: &[u8] = b"hello\n";
 const BIG_BODY_LEN: usize = 1 << 20;
+/// `/hold` without `ms`, and the most it holds: a typo must not park a request for hours.
+const HOLD_DEFAULT: Duration = Duration::from_secs(20);
+const HOLD_MAX: Duration = Duration::from_secs(600);
 /// One read buffer for every tunnel on this thread: an echo needs no per-connection buffer
 /// except for what the socket would not take back at once.
 const ECHO_BUF_LEN: usize = 64 * 1024;
@@ -186,10 +191,14 @@ async fn respond(
         return Ok(status(StatusCode::OK));
     }
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
-        let body = if req.uri().path() == "/big" {
-            big
-        } else {
-            Bytes::from_static(SMALL_BODY)
+        let body = match req.uri().path() {
+            "/big" => big,
+            "/hold" => {
+                // Only this request's task waits: each connection is a task of its own.
+                tokio::time::sleep(hold_for(req.uri().query())).await;
+                Bytes::from_static(SMALL_BODY)
+            }
+            _ => Bytes::from_static(SMALL_BODY),
         };
         return Ok(Response::new(Full::new(body)));
     };
@@ -215,6 +224,15 @@ async fn respond(
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     Ok(resp)
+}
+
+/// The `ms=N` of a `/hold` query, bounded by `HOLD_MAX`.
+fn hold_for(query: Option<&str>) -> Duration {
+    let ms = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("ms=")?.parse().ok());
+    ms.map_or(HOLD_DEFAULT, Duration::from_millis).min(HOLD_MAX)
 }
 
 fn status(code: StatusCode) -> Response<Full<Bytes>> {
@@ -344,6 +362,15 @@ mod tests {
             assert_eq!(end, Some(stream.len()), "chunk size {chunk}");
             assert!(end.unwrap() > close_at);
         }
+    }
+
+    #[test]
+    fn hold_reads_ms_and_stays_bounded() {
+        assert_eq!(hold_for(Some("ms=250")), Duration::from_millis(250));
+        assert_eq!(hold_for(Some("x=1&ms=7")), Duration::from_millis(7));
+        assert_eq!(hold_for(None), HOLD_DEFAULT);
+        assert_eq!(hold_for(Some("ms=oops")), HOLD_DEFAULT);
+        assert_eq!(hold_for(Some("ms=99999999999")), HOLD_MAX);
     }
 
     #[test]

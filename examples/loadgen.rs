@@ -7,11 +7,14 @@
 //!   reads them into one buffer and compares, bulk mode only walks frame headers to count
 //!   messages (payload bytes are skipped, never copied).
 //!
-//! Modes: `echo` (ping-pong, msgs/s and latency), `echo_rate` (the same paced at `--rate` total
-//! messages per second), `bulk` (streams both ways with `--inflight` bytes outstanding per
+//! Modes: `echo` (ping-pong, msgs/s and latency), `echo_seq` (the ping-pong of one WebSocket:
+//! one message in flight, so its latency is the round trip alone), `echo_rate` (the ping-pong
+//! paced at `--rate` total messages per second), `bulk` (streams both ways with `--inflight` bytes outstanding per
 //! connection), `handshake` (connect + upgrade + close loops), `idle` and `idle_used` (open
 //! `--conns` WebSockets, one echo each, then hold them until SIGUSR1 so that the caller can read
-//! the proxy's memory), and `h2_echo` (the ping-pong of `echo`, but every WebSocket is an RFC 8441
+//! the proxy's memory), `http_idle` and `long_poll` (the same hold for plain HTTP/1.1
+//! connections: after one answered `GET /` each, or with one `GET /hold?ms=N` each still
+//! pending), and `h2_echo` (the ping-pong of `echo`, but every WebSocket is an RFC 8441
 //! extended-CONNECT stream of ONE TLS HTTP/2 connection). Throughput modes warm up for `--warmup`
 //! seconds, then measure a window of `--duration` seconds; the CPU time of `--cpu-pids` (the
 //! proxy) is read from `/proc` at both ends of that window. The result is one JSON line on
@@ -83,6 +86,9 @@ struct Args {
     /// echo_rate: total messages per second over all connections.
     #[arg(long, default_value_t = 20_000)]
     rate: u64,
+    /// long_poll: how long the backend holds each request (it is sent `/hold?ms=N`).
+    #[arg(long, default_value_t = 20_000)]
+    hold_ms: u64,
     /// bulk: bytes sent and not yet echoed back, per connection.
     #[arg(long, default_value_t = 256 * 1024)]
     inflight: usize,
@@ -124,6 +130,8 @@ struct Args {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
     Echo,
+    #[value(name = "echo_seq")]
+    EchoSeq,
     #[value(name = "echo_rate")]
     EchoRate,
     Bulk,
@@ -131,6 +139,10 @@ enum Mode {
     Idle,
     #[value(name = "idle_used")]
     IdleUsed,
+    #[value(name = "http_idle")]
+    HttpIdle,
+    #[value(name = "long_poll")]
+    LongPoll,
     #[value(name = "h2_echo")]
     H2Echo,
 }
@@ -139,11 +151,14 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Echo => "echo",
+            Mode::EchoSeq => "echo_seq",
             Mode::EchoRate => "echo_rate",
             Mode::Bulk => "bulk",
             Mode::Handshake => "handshake",
             Mode::Idle => "idle",
             Mode::IdleUsed => "idle_used",
+            Mode::HttpIdle => "http_idle",
+            Mode::LongPoll => "long_poll",
             Mode::H2Echo => "h2_echo",
         }
     }
@@ -212,7 +227,12 @@ async fn run(args: Args) -> io::Result<String> {
         out.num("nofile_soft", nofile as f64);
     }
     match args.mode {
-        Mode::Echo | Mode::EchoRate | Mode::H2Echo => {
+        Mode::EchoSeq if args.conns != 1 => {
+            return Err(invalid(
+                "echo_seq is one WebSocket (--conns 1); use echo for more",
+            ))
+        }
+        Mode::Echo | Mode::EchoSeq | Mode::EchoRate | Mode::H2Echo => {
             let frame: Rc<[u8]> = binary_frame(size).into();
             // h2_echo: the handle that opened the streams lives as long as they are used.
             let mut _h2 = None;
@@ -275,7 +295,7 @@ async fn run(args: Args) -> io::Result<String> {
             window.report(&mut out, &stats, &args);
             stats.latency_report(&mut out);
         }
-        Mode::Idle | Mode::IdleUsed => {
+        Mode::Idle | Mode::IdleUsed | Mode::HttpIdle | Mode::LongPoll => {
             if let Some(nofile) = nofile {
                 if args.conns as u64 + 64 > nofile {
                     return Err(io::Error::other(format!(
@@ -984,8 +1004,9 @@ async fn handshake_once(
     }
 }
 
-/// Opens `--conns` WebSockets (one echo of `size` bytes each), signals readiness, holds them
-/// until SIGUSR1 (or SIGTERM/SIGINT, or `--hold-max`), then reports how many survived.
+/// Opens `--conns` WebSockets (one echo of `size` bytes each) or HTTP/1.1 connections (one
+/// request each: answered for `http_idle`, pending for `long_poll`), signals readiness, holds
+/// them until SIGUSR1 (or SIGTERM/SIGINT, or `--hold-max`), then reports how many survived.
 async fn hold_idle(
     args: &Args,
     upgrade: &Rc<Upgrade>,
@@ -999,23 +1020,31 @@ async fn hold_idle(
     let mut int = signal(SignalKind::interrupt())?;
 
     let frame: Rc<[u8]> = binary_frame(size).into();
+    let path = match args.mode {
+        Mode::LongPoll => format!("/hold?ms={}", args.hold_ms),
+        _ => "/".to_owned(),
+    };
+    let request: Rc<[u8]> = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", args.addr)
+        .into_bytes()
+        .into();
     let held = Rc::new(RefCell::new(Vec::with_capacity(args.conns)));
     let next = Rc::new(Cell::new(0usize));
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..args.open_concurrency.max(1) {
-        let (upgrade, frame, held, next, stats) = (
+        let (upgrade, frame, request, held, next, stats) = (
             upgrade.clone(),
             frame.clone(),
+            request.clone(),
             held.clone(),
             next.clone(),
             stats.clone(),
         );
-        let conns = args.conns;
+        let (conns, mode) = (args.conns, args.mode);
         workers.push(tokio::task::spawn_local(async move {
             while next.get() < conns {
                 next.set(next.get() + 1);
-                match open_and_echo(&upgrade, &frame).await {
+                match open_held(mode, &upgrade, &frame, &request).await {
                     Ok(stream) => held.borrow_mut().push(stream),
                     Err(err) => stats.error(&err),
                 }
@@ -1028,9 +1057,16 @@ async fn hold_idle(
     let open_secs = started.elapsed().as_secs_f64();
     let open = held.borrow().len();
     eprintln!(
-        "loadgen: {open} of {} WebSockets open in {open_secs:.1} s; holding until SIGUSR1",
+        "loadgen: {open} of {} connections open in {open_secs:.1} s; holding until SIGUSR1",
         args.conns
     );
+    if args.mode == Mode::LongPoll && (args.hold_ms as f64) < (open_secs + 2.0) * 1e3 {
+        // The first requests are answered before the caller reads the proxy's memory.
+        eprintln!(
+            "loadgen: --hold-ms {} is shorter than opening + 2 s",
+            args.hold_ms
+        );
+    }
     if let Some(path) = &args.ready_file {
         std::fs::write(path, format!("{open}\n"))?;
     }
@@ -1041,7 +1077,8 @@ async fn hold_idle(
         _ = int.recv() => {}
         _ = sleep(Duration::from_secs_f64(args.hold_max)) => {}
     }
-    // A WebSocket the proxy closed while idle reads as EOF (or an error) now.
+    // A WebSocket the proxy closed while idle reads as EOF (or an error) now; so does an idle
+    // HTTP connection, and a long-poll request reads its answer (or EOF) if the hold ran out.
     let mut closed = 0;
     for stream in held.borrow_mut().iter_mut() {
         if stream.closed() {
@@ -1053,7 +1090,93 @@ async fn hold_idle(
         .num("open_s", open_secs)
         .num("held_s", held_secs.elapsed().as_secs_f64())
         .num("closed_while_held", f64::from(closed));
+    if args.mode == Mode::LongPoll {
+        out.num("hold_ms", args.hold_ms as f64);
+    }
     Ok(())
+}
+
+/// One connection to hold: a WebSocket after one echo, or an HTTP/1.1 connection after
+/// writing `request` (and, for `http_idle`, reading its whole answer).
+async fn open_held(
+    mode: Mode,
+    upgrade: &Upgrade,
+    frame: &[u8],
+    request: &[u8],
+) -> io::Result<Stream> {
+    if !matches!(mode, Mode::HttpIdle | Mode::LongPoll) {
+        return open_and_echo(upgrade, frame).await;
+    }
+    let mut stream = upgrade.connector.connect().await?;
+    stream.write_all(request).await?;
+    stream.flush().await?;
+    if mode == Mode::HttpIdle {
+        read_response(&mut stream).await?;
+    }
+    Ok(stream)
+}
+
+/// Reads one small `200` answer whole (Content-Length or chunked) and checks that the
+/// connection stays open for another request.
+async fn read_response(stream: &mut Stream) -> io::Result<()> {
+    let mut buf = [0u8; 4096];
+    let mut len = 0;
+    let mut body_len = None;
+    loop {
+        if len == buf.len() {
+            return Err(invalid("response larger than 4 KiB"));
+        }
+        let n = stream.read(&mut buf[len..]).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before the whole response",
+            ));
+        }
+        len += n;
+        let Some(end) = find(&buf[..len], b"\r\n\r\n").map(|at| at + 4) else {
+            continue;
+        };
+        let body = &buf[end..len];
+        let head = body_len.get_or_insert_with(|| parse_head(&buf[..end]));
+        let done = match head {
+            Err(err) => return Err(invalid(err)),
+            Ok(Some(content_length)) => body.len() >= *content_length,
+            // Chunked: a small body ends with the last, empty chunk (no trailers expected).
+            Ok(None) => body.ends_with(b"0\r\n\r\n"),
+        };
+        if done {
+            return Ok(());
+        }
+    }
+}
+
+/// A response head's body length: `Some(Content-Length)`, or `None` for chunked.
+fn parse_head(head: &[u8]) -> Result<Option<usize>, &'static str> {
+    let head = String::from_utf8_lossy(head).to_ascii_lowercase();
+    if !head.starts_with("http/1.1 200") {
+        return Err("the response is not HTTP/1.1 200");
+    }
+    let mut length = None;
+    let mut chunked = false;
+    for line in head.split("\r\n").skip(1) {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        match (name.trim(), value.trim()) {
+            ("connection", v) if v.split(',').any(|t| t.trim() == "close") => {
+                return Err("the server closes the connection after one request: no keep-alive")
+            }
+            ("content-length", v) => length = v.parse().ok(),
+            ("transfer-encoding", v) => chunked = v.ends_with("chunked"),
+            _ => {}
+        }
+    }
+    match (length, chunked) {
+        (_, true) => Ok(None),
+        (Some(length), false) => Ok(Some(length)),
+        (None, false) => Err("a response with neither Content-Length nor chunked"),
+    }
 }
 
 async fn open_and_echo(upgrade: &Upgrade, frame: &[u8]) -> io::Result<Stream> {
@@ -1141,6 +1264,18 @@ mod tests {
                 .sum();
             assert_eq!(frames, 4, "chunk size {chunk}");
         }
+    }
+
+    #[test]
+    fn response_heads_give_the_body_length_or_refuse() {
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\n";
+        assert_eq!(parse_head(ok), Ok(Some(6)));
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(parse_head(chunked), Ok(None));
+        let close = b"HTTP/1.1 200 OK\r\nConnection: Close\r\nContent-Length: 6\r\n\r\n";
+        assert!(parse_head(close).is_err());
+        assert!(parse_head(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n").is_err());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
     }
 
     #[test]

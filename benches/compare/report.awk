@@ -68,6 +68,8 @@ BEGIN {
     if ((v = num("closed_while_held")) != "") closed[s, t] += v
     if ((v = num("tls_eof_without_close_notify")) != "") noclose[s, t] += v
     if (str("transport") == "tls") tls[s] = 1
+    if (str("mode") == "echo_seq") seq[s] = 1
+    if (str("mode") == "long_poll") poll[s] = 1
     if (t == "wsgate_base") has_base = 1
     runs[s, t]++
 }
@@ -111,9 +113,14 @@ END {
             if (failed[s, t]) notes = notes sprintf("%d of %d runs failed; ", failed[s, t], failed[s, t] + runs[s, t])
             if (died[s, t]) notes = notes sprintf("proxy exited in %d run(s); ", died[s, t])
             if (errors[s, t]) notes = notes sprintf("%d errors; ", errors[s, t])
-            if ((s, t) in conns) notes = notes sprintf("%d conns", conns[s, t]) \
+            if (s in seq) notes = notes "1 WebSocket, 1 message in flight; "
+            # A row whose figure is another latency still says what the proxy adds at p99.
+            if (t != "direct" && figure[s] != "p99_us" && unit[s] ~ /^µs/ && np[s, t] && np[s, "direct"])
+                notes = notes sprintf("p99 %+.0f µs vs direct; ", medp[s, t] - medp[s, "direct"])
+            if ((s, t) in conns) notes = notes sprintf("%d %s", conns[s, t], (s in poll) ? "pending requests" : "conns") \
                 (((s, t) in burst) ? sprintf(", %d at a time; ", burst[s, t]) : "; ")
-            if (closed[s, t]) notes = notes sprintf("%d closed while idle; ", closed[s, t])
+            # long_poll: an answer before the release means the hold ended before the RSS read.
+            if (closed[s, t]) notes = notes sprintf("%d %s while held; ", closed[s, t], (s in poll) ? "answered or closed" : "closed")
             if (late[s, t]) notes = notes sprintf("%d late sends; ", late[s, t])
             if (noclose[s, t]) notes = notes sprintf("%d TLS closes without close_notify; ", noclose[s, t])
             sub(/; $/, "", notes)
@@ -135,8 +142,8 @@ END {
     print "result (higher is better), or the latency added for µs rows. ÷ best rival: this median over the"
     print "better of nginx and HAProxy for that row (result: the one with the better result; CPU: the lower"
     print "CPU per operation); above 1 is better for req/s, msg/s, MB/s and hs/s, below 1 is better for µs,"
-    print "KiB/conn and CPU. Proxy CPU is utime + stime from /proc/PID/stat over the window, per request,"
-    print "message or handshake."
+    print "KiB/conn, KiB/req and CPU. Proxy CPU is utime + stime from /proc/PID/stat over the window, per"
+    print "request, message or handshake."
     if (has_base) {
         print "÷ base, CPU ÷ base: wsgate's median result and CPU per operation over wsgate_base's, the"
         print "wsgate binary of another commit run with the same config and placement (machine.txt says"

@@ -12,6 +12,10 @@
 #   SCENARIOS="..."  a subset of the scenario names below (default: all)
 #   IDLE_CONNS=N     WebSockets held by the idle rows (default: 10000, or what RLIMIT_NOFILE allows)
 #   IDLE_BURST=32    WebSockets the idle rows open at a time (the *_burst128 rows always 128)
+#   LONG_POLL_CONNS=2000  requests long_poll holds pending (default: 2000, or what fits)
+#   LONG_POLL_MS=20000    how long the backend holds each of them (ms); must outlast the opening
+#   PERF=1           also record the proxy with `perf record -g` during each measured window,
+#                    into <out>/perf/<scenario>.<target>.<repeat>.data (skipped without perf)
 #   WSGATE_BASE=bin  a wsgate release binary of another commit (build-base.sh makes one): the
 #                    wsgate_base target, run exactly as wsgate is and reported beside it
 #   OUT=dir          output folder (default: benches/compare/out/<timestamp>)
@@ -36,6 +40,8 @@ DURATION=${DURATION:-10}
 REPEAT=${REPEAT:-3}
 WARMUP=${WARMUP:-1}
 IDLE_BURST=${IDLE_BURST:-32}
+LONG_POLL_MS=${LONG_POLL_MS:-20000}
+PERF=${PERF:-0}
 # report.awk compares each with the better of nginx and haproxy, and wsgate with wsgate_base.
 ALL_TARGETS=(direct wsgate wsgate_base nginx haproxy)
 
@@ -45,20 +51,26 @@ ALL_TARGETS=(direct wsgate wsgate_base nginx haproxy)
 # loadgen (a measured window), idle (open, hold, read the proxy's RSS, release). figure: the
 # JSON key that is the row's result; better: hi or lo. n/a: targets that cannot do the row
 # (comma-separated, or -); the table shows them as n/a. Arguments go to the driver (wrk:
-# connections and path; the others: loadgen flags, @IDLE_CONNS@ and @IDLE_BURST@ substituted).
+# connections and path; the others: loadgen flags, @IDLE_CONNS@, @IDLE_BURST@, @LONG_POLL_CONNS@
+# and @LONG_POLL_MS@ substituted).
 # The idle rows say how many WebSockets are opened at a time (--open-concurrency): a reconnect
-# storm is a burst, and a proxy may keep what its busiest moment allocated.
+# storm is a burst, and a proxy may keep what its busiest moment allocated. http_idle and
+# long_poll hold plain HTTP/1.1 connections the same way: after one answered `GET /` each, or
+# with one `GET /hold?ms=N` each still pending at the backend.
 SCENARIO_TABLE='
 # name            transport driver  figure           better unit     n/a   arguments
 http              tcp       wrk     ops_per_s        hi     req/s    -     50 /
 http_big          tcp       wrk     ops_per_s        hi     req/s    -     8 /big
 echo              tcp       loadgen ops_per_s        hi     msg/s    -     --mode echo --conns 100 --size 64
 echo_rate         tcp       loadgen p99_us           lo     µs(p99)  -     --mode echo_rate --conns 100 --size 64 --rate 20000
+echo_seq          tcp       loadgen p50_us           lo     µs(p50)  -     --mode echo_seq --conns 1 --size 64
 bulk              tcp       loadgen mb_per_s         hi     MB/s     -     --mode bulk --conns 8 --size 16384 --inflight 262144
 handshake         tcp       loadgen ops_per_s        hi     hs/s     -     --mode handshake --conns 10
 idle              tcp       idle    rss_kib_per_conn lo     KiB/conn -     --mode idle --conns @IDLE_CONNS@ --open-concurrency @IDLE_BURST@ --size 64
 idle_burst128     tcp       idle    rss_kib_per_conn lo     KiB/conn -     --mode idle --conns @IDLE_CONNS@ --open-concurrency 128 --size 64
 idle_used         tcp       idle    rss_kib_per_conn lo     KiB/conn -     --mode idle_used --conns @IDLE_CONNS@ --open-concurrency @IDLE_BURST@ --size 65536
+http_idle         tcp       idle    rss_kib_per_conn lo     KiB/conn -     --mode http_idle --conns @IDLE_CONNS@ --open-concurrency @IDLE_BURST@
+long_poll         tcp       idle    rss_kib_per_conn lo     KiB/req  -     --mode long_poll --conns @LONG_POLL_CONNS@ --open-concurrency @IDLE_BURST@ --hold-ms @LONG_POLL_MS@
 https             tls       wrk     ops_per_s        hi     req/s    -     50 /
 wss_echo          tls       loadgen ops_per_s        hi     msg/s    -     --mode echo --conns 100 --size 64
 wss_bulk          tls       loadgen mb_per_s         hi     MB/s     -     --mode bulk --conns 8 --size 16384 --inflight 262144
@@ -89,6 +101,9 @@ fi
 [[ $WARMUP =~ ^[0-9]+$ ]] || die "WARMUP must be whole seconds, got '$WARMUP'"
 [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "REPEAT must be a positive integer, got '$REPEAT'"
 [[ $IDLE_BURST =~ ^[1-9][0-9]*$ ]] || die "IDLE_BURST must be a positive integer, got '$IDLE_BURST'"
+[[ $LONG_POLL_MS =~ ^[1-9][0-9]*$ ]] || die "LONG_POLL_MS must be a positive integer (ms), got '$LONG_POLL_MS'"
+((LONG_POLL_MS <= 600000)) || die "LONG_POLL_MS must be at most 600000: bench_backend holds no longer"
+[[ $PERF == 0 || $PERF == 1 ]] || die "PERF must be 0 or 1, got '$PERF'"
 (($(nproc) >= 2)) || die "needs 2 CPUs (load on CPU $LOAD_CPU, proxy on CPU $PROXY_CPU)"
 
 mapfile -t ROWS < <(grep -Ev '^[[:space:]]*(#|$)' <<<"$SCENARIO_TABLE")
@@ -114,6 +129,12 @@ NOFILE=$(ulimit -n)
 IDLE_MAX=$(((NOFILE - 200) / 2))
 IDLE_CONNS=${IDLE_CONNS:-$((IDLE_MAX < 10000 ? IDLE_MAX : 10000))}
 ((IDLE_CONNS <= IDLE_MAX)) || die "IDLE_CONNS=$IDLE_CONNS does not fit RLIMIT_NOFILE $NOFILE (at most $IDLE_MAX)"
+# A pending long-poll request holds two descriptors too (client side, upstream side).
+LONG_POLL_CONNS=${LONG_POLL_CONNS:-$((IDLE_MAX < 2000 ? IDLE_MAX : 2000))}
+[[ $LONG_POLL_CONNS =~ ^[1-9][0-9]*$ ]] || die "LONG_POLL_CONNS must be a positive integer, got '$LONG_POLL_CONNS'"
+((LONG_POLL_CONNS <= IDLE_MAX)) || die "LONG_POLL_CONNS=$LONG_POLL_CONNS does not fit RLIMIT_NOFILE $NOFILE (at most $IDLE_MAX)"
+# The most connections any row holds at once: what the proxies' connection limits are sized for.
+HOLD_CONNS=$((IDLE_CONNS > LONG_POLL_CONNS ? IDLE_CONNS : LONG_POLL_CONNS))
 CLK_TCK=$(getconf CLK_TCK)
 
 # --- Tools ---------------------------------------------------------------------------------------
@@ -129,6 +150,10 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 command -v taskset >/dev/null || die "taskset (util-linux) is missing"
+if ((PERF)) && ! command -v perf >/dev/null; then
+    say "PERF=1 but perf is not installed (linux-perf, or linux-tools-\$(uname -r)): recording no profiles"
+    PERF=0
+fi
 
 say "building wsgate and the examples (release)"
 # Two builds: one cargo invocation unifies features over all its targets, so building the
@@ -146,6 +171,7 @@ LOADGEN=$TARGET_DIR/release/examples/loadgen
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 OUT=${OUT:-$HERE/out/$STAMP}
 mkdir -p "$OUT/conf" "$OUT/logs" "$OUT/run" "$OUT/certs"
+((PERF == 0)) || mkdir -p "$OUT/perf"
 RESULTS=$OUT/results.jsonl
 : >"$RESULTS"
 
@@ -255,7 +281,7 @@ render() {
     sed -e "s|@BACKEND_PORT@|$BACKEND_PORT|g" -e "s|@PROXY_PORT@|$PROXY_PORT|g" \
         -e "s|@PROXY_TLS_PORT@|$PROXY_TLS_PORT|g" -e "s|@CERT@|$CERT|g" -e "s|@KEY@|$KEY|g" \
         -e "s|@CERT_KEY@|$CERT_KEY|g" -e "s|@RUN_DIR@|$3|g" -e "s|@NOFILE@|$NOFILE|g" \
-        -e "s|@WORKER_CONNECTIONS@|$((IDLE_CONNS * 5 / 2 + 256))|g" -e "s|@MAXCONN@|$((IDLE_CONNS + 50))|g" \
+        -e "s|@WORKER_CONNECTIONS@|$((HOLD_CONNS * 5 / 2 + 256))|g" -e "s|@MAXCONN@|$((HOLD_CONNS + 50))|g" \
         "$HERE/$1" >"$2"
 }
 
@@ -313,6 +339,28 @@ stop_target() {
     for p in "${PROXY_PIDS[@]:1}"; do stop "$p"; done   # nginx's worker exits with its master
 }
 
+# perf_start TAG DELAY SECONDS: with PERF=1, records the proxy's samples and call graphs for
+# SECONDS, from DELAY seconds from now, into perf/TAG.data; sets PERF_PID (empty if not).
+# perf runs on the load CPU, so that its own work stays off the proxy's; the sampling interrupts
+# still cost the proxy a little, so a profiled run's figures are not compared with others.
+perf_start() {
+    PERF_PID=''
+    ((PERF)) && ((${#PROXY_PIDS[@]})) || return 0
+    local pids
+    pids=$(IFS=,; echo "${PROXY_PIDS[*]}")
+    # shellcheck disable=SC2016 # expanded by the inner shell
+    start "$OUT/logs/$1.perf.log" "$LOAD_CPU" bash -c \
+        'sleep "$1" && exec perf record -g -p "$2" -o "$3" -- sleep "$4"' _ \
+        "$2" "$pids" "$OUT/perf/$1.data" "$3"
+    PERF_PID=$STARTED
+}
+# perf_wait: until the recording has ended (it ends by itself); a failed one only warns.
+perf_wait() {
+    [[ -n $PERF_PID ]] || return 0
+    wait "$PERF_PID" || echo "run.sh: perf failed; see its log in $OUT/logs/" >&2
+    forget "$PERF_PID"
+}
+
 # --- Drivers: each prints the JSON fields of one measurement (no braces) --------------------------
 # div A B: A / B with three decimals (0 when B is 0)
 div() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b ? a / b : 0 }'; }
@@ -326,9 +374,11 @@ drive_wrk() {
     local cpu0 side0 cpu1 side1
     cpu0=$(cpu_ticks "${PROXY_PIDS[@]}")
     side0=$(cpu_ticks "$BACKEND_PID")
+    perf_start "$tag" 0 "$DURATION"
     taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" -d"${DURATION}s" --latency "$url" >"$out" </dev/null
     cpu1=$(cpu_ticks "${PROXY_PIDS[@]}")
     side1=$(cpu_ticks "$BACKEND_PID")
+    perf_wait
     awk -v conns="$conns" -v cpu=$((cpu1 - cpu0)) -v side=$((side1 - side0)) -v tck="$CLK_TCK" \
         -v measured=${#PROXY_PIDS[@]} -v path="$path" '
         function us(v) {   # wrk prints 612.00us, 1.23ms, 2.00s
@@ -358,20 +408,25 @@ drive_loadgen() {
     local pids
     pids=$(IFS=,; echo "${PROXY_PIDS[*]}")
     local json
+    # The loadgen's window starts after its warm-up (its connections open in milliseconds).
+    perf_start "$tag" "$WARMUP" "$DURATION"
     json=$(taskset -c "$LOAD_CPU" "$LOADGEN" "$@" "${TLS_ARGS[@]}" --addr "127.0.0.1:$FRONT_PORT" \
         --duration "$DURATION" --warmup "$WARMUP" --clk-tck "$CLK_TCK" \
         ${pids:+--cpu-pids "$pids"} --side-pids "$BACKEND_PID" \
         </dev/null 2>"$OUT/logs/$tag.loadgen.log") || return 1
+    perf_wait
     json=${json#\{}
     echo "${json%\}}"
 }
 
-# idle ARGS...: open and hold WebSockets, read the proxy's RSS before and after, release them
+# idle ARGS...: open and hold connections, read the proxy's RSS before and after, release them
 drive_idle() {
     local tag=$1
     shift
     local ready=$OUT/run/$tag.ready json=$OUT/run/$tag.json i before after lg
     before=$(rss_kib "${PROXY_PIDS[@]}")
+    # Work happens while connections open, so the profile covers DURATION seconds from the start.
+    perf_start "$tag" 0 "$DURATION"
     start "$OUT/logs/$tag.loadgen.log" "$LOAD_CPU" "$LOADGEN" "$@" "${TLS_ARGS[@]}" --addr "127.0.0.1:$FRONT_PORT" \
         --ready-file "$ready" --hold-max 600
     lg=$STARTED
@@ -391,6 +446,7 @@ drive_idle() {
     kill -USR1 "$lg"
     wait "$lg" || { forget "$lg"; return 1; }
     forget "$lg"
+    perf_wait
     grep '^{' "$OUT/logs/$tag.loadgen.log" | tail -n 1 >"$json"
     local line open
     line=$(<"$json")
@@ -407,6 +463,8 @@ measure() {
     read -r name transport driver figure better unit na args <<<"$row"
     args=${args//@IDLE_CONNS@/$IDLE_CONNS}
     args=${args//@IDLE_BURST@/$IDLE_BURST}
+    args=${args//@LONG_POLL_CONNS@/$LONG_POLL_CONNS}
+    args=${args//@LONG_POLL_MS@/$LONG_POLL_MS}
     local tag=$name.$target.$rep
     local head="\"run\":\"$STAMP\",\"scenario\":\"$name\",\"target\":\"$target\",\"repeat\":$rep"
     head+=",\"transport\":\"$transport\",\"figure\":\"$figure\",\"better\":\"$better\",\"unit\":\"$unit\""
@@ -502,6 +560,8 @@ version() {
     echo "tls client:  loadgen: rustls (ring), TLS 1.3 as negotiated, SNI localhost, ALPN http/1.1 (h2 for h2_ws_echo), no session resumption; wrk: OpenSSL, no ALPN"
     echo "nofile:      RLIMIT_NOFILE $NOFILE (soft raised to hard); idle rows hold $IDLE_CONNS WebSockets"
     echo "idle burst:  opened $IDLE_BURST at a time (the *_burst128 rows: 128)"
+    echo "long poll:   $LONG_POLL_CONNS requests pending, each held $LONG_POLL_MS ms by the backend"
+    echo "perf:        $( ((PERF)) && echo "recorded (perf record -g) into perf/; $(version perf --version)" || echo off)"
     echo "clk_tck:     $CLK_TCK (CPU times from /proc/PID/stat)"
     echo "tcp_tw_reuse: $(cat /proc/sys/net/ipv4/tcp_tw_reuse)"
 } >"$OUT/machine.txt"
