@@ -10,10 +10,18 @@ use crate::config::Log;
 
 /// Installs the global subscriber: `RUST_LOG`, when set, overrides the configured level.
 pub fn init(log: &Log) {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|directives| directives.parse::<EnvFilter>().ok())
-        .unwrap_or_else(|| configured_filter(log));
+    // An invalid RUST_LOG must not pass unnoticed: it is reported, and the config's level used.
+    let mut rejected = None;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) => match directives.parse::<EnvFilter>() {
+            Ok(filter) => filter,
+            Err(err) => {
+                rejected = Some((directives, err));
+                configured_filter(log)
+            }
+        },
+        Err(_) => configured_filter(log),
+    };
     let ansi = use_ansi(
         std::io::stderr().is_terminal(),
         std::env::var_os("NO_COLOR"),
@@ -23,6 +31,13 @@ pub fn init(log: &Log) {
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .try_init();
+    if let Some((directives, err)) = rejected {
+        tracing::warn!(
+            rust_log = %directives,
+            error = %err,
+            "RUST_LOG is not a valid filter; using [log] level from the config"
+        );
+    }
 }
 
 /// Colour is for a person at a terminal: a file, journald or a pipe gets plain lines that

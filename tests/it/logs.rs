@@ -25,3 +25,17 @@ fn logs_to_a_pipe_carry_no_colour_codes() {
         "colour codes in a piped log:\n{log:?}"
     );
 }
+
+/// An invalid `RUST_LOG` is said, not silently replaced by the configured level.
+#[test]
+fn an_invalid_rust_log_is_reported_and_the_config_level_used() {
+    let config = TempFile::new("bad-rust-log", CONFIG);
+    let mut gateway = binary::Gateway::spawn_with_env(&config.path, &[("RUST_LOG", "wsgate=[")]);
+    let warning = gateway.wait_for_line("RUST_LOG is not a valid filter");
+    assert!(warning.contains("wsgate=["), "{warning}");
+    // The configured level (info by default) is in force.
+    gateway.wait_for_line("listening");
+    gateway.wait_for_signal_handlers();
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait_exit(WAIT).code(), Some(0));
+}

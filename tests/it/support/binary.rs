@@ -115,8 +115,15 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn spawn(config: &Path) -> Gateway {
+        Gateway::spawn_with_env(config, &[])
+    }
+
+    /// `spawn`, with environment variables set for the process.
+    pub fn spawn_with_env(config: &Path, env: &[(&str, &str)]) -> Gateway {
         let config = config.to_str().expect("UTF-8 temp path");
-        Gateway::start(command(&["--config", config]))
+        let mut command = command(&["--config", config]);
+        command.envs(env.iter().copied());
+        Gateway::start(command)
     }
 
     /// Starts wsgate the way systemd's socket activation does: `socket` as fd 3,
