@@ -465,6 +465,27 @@ async fn h2_with_extended_connect(
     sender
 }
 
+/// Connects (bounded in count and time) until the listener at `addr` serves `der` to a.test:
+/// a watched certificate file is picked up within its interval.
+async fn until_served(
+    addr: std::net::SocketAddr,
+    client: &Arc<rustls::ClientConfig>,
+    der: &rustls::pki_types::CertificateDer<'static>,
+) {
+    let deadline = std::time::Instant::now() + WAIT;
+    for _ in 0..1_000 {
+        let stream = tls_connect(addr, "a.test", client.clone()).await.unwrap();
+        if served_certificate(&stream) == *der {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the renewed certificate never served");
+}
+
 /// A TLS listener added by a config reload is served at once, and its certificate files are
 /// watched like those of a listener that was there from the start.
 #[tokio::test]
@@ -498,20 +519,7 @@ async fn a_tls_listener_added_by_a_reload_serves_and_watches_its_certificates() 
     assert_eq!(served_certificate(&stream), site.exact.der);
 
     let renewed = site.pki.reissue(&site.exact, &["a.test"]);
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let stream = tls_connect(tls_addr, "a.test", client.clone())
-            .await
-            .unwrap();
-        if served_certificate(&stream) == renewed.der {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the renewed certificate never served"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    until_served(tls_addr, &client, &renewed.der).await;
 }
 
 /// Renewed certificate files are picked up without a restart: a live wss tunnel keeps
@@ -541,20 +549,7 @@ async fn certificates_reload_when_their_files_change_without_dropping_a_tunnel()
 
     let renewed = site.pki.reissue(&site.exact, &["a.test"]);
     assert_ne!(renewed.der, site.exact.der);
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let stream = tls_connect(gw.addr, "a.test", client.clone())
-            .await
-            .unwrap();
-        if served_certificate(&stream) == renewed.der {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the renewed certificate never served"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    until_served(gw.addr, &client, &renewed.der).await;
     within(WAIT, ws.send(Message::Text("still here".into())))
         .await
         .unwrap();
