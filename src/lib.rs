@@ -21,6 +21,7 @@
 //! `ARCHITECTURE.md` at the repository root has who uses whom, the life of a request and of a
 //! tunnel, and the rules that hold everywhere (config is parsed in one place, once).
 
+mod client_io;
 pub mod config;
 mod listener;
 pub mod proxy;

@@ -7,8 +7,9 @@ use std::error::Error as StdError;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -19,10 +20,11 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::{service_fn, HttpService};
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use crate::client_io::{Activity, Claimed, ClientIo, Readiness};
 use crate::config::{Limits, Timeouts};
 use crate::proxy::{error::PLAIN_HTTP_TO_TLS_PORT, ConnInfo, Proxy, TlsInfo};
 use crate::shutdown::{Signal, Tracker};
@@ -41,8 +43,16 @@ pub struct Listener {
     pub inherited: bool,
     /// How connections are served; a reload swaps it, and each new connection loads it once.
     pub ctx: Arc<ArcSwap<ListenerCtx>>,
-    /// Failed TLS handshakes, for operators to watch.
-    pub tls_failures: Arc<AtomicU64>,
+    pub stats: Arc<ListenerStats>,
+}
+
+/// What operators watch on a listener.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    /// Failed TLS handshakes, and plain HTTP sent to a TLS port.
+    pub tls_failures: AtomicU64,
+    /// HTTP/1 connections idle between requests, held without hyper's buffers.
+    pub parked: AtomicUsize,
 }
 
 /// A listener's serving parameters, replaced whole by a reload.
@@ -106,14 +116,10 @@ impl Listener {
                             tls: None,
                             drain: drain.clone(),
                         },
+                        stats: self.stats.clone(),
                     };
-                    let task = serve_connection(
-                        stream,
-                        connection,
-                        self.ctx.load_full(),
-                        self.tls_failures.clone(),
-                        drain.clone(),
-                    );
+                    let task =
+                        serve_connection(stream, connection, self.ctx.load_full(), drain.clone());
                     let guard = connections.guard();
                     tokio::spawn(async move {
                         task.await;
@@ -155,13 +161,13 @@ fn is_connection_error(err: &io::Error) -> bool {
 struct Connection {
     proxy: Arc<Proxy>,
     info: ConnInfo,
+    stats: Arc<ListenerStats>,
 }
 
 async fn serve_connection(
     stream: TcpStream,
     mut connection: Connection,
     ctx: Arc<ListenerCtx>,
-    tls_failures: Arc<AtomicU64>,
     drain: Signal,
 ) {
     let _ = stream.set_nodelay(true);
@@ -169,7 +175,7 @@ async fn serve_connection(
     let protocols = &ctx.protocols;
     let Some(acceptor) = &ctx.tls else {
         let h2 = protocols.http2.is_some() && opens_with_h2_preface(&stream, protocols).await;
-        return serve_http(TokioIo::new(stream), h2, connection, protocols, drain).await;
+        return serve_http(stream, h2, true, connection, protocols, drain).await;
     };
     match tls::accept(acceptor, stream, protocols.timeouts.tls_handshake).await {
         Ok(tls::Accepted::Tls(stream, facts)) => {
@@ -178,22 +184,22 @@ async fn serve_connection(
                 h2: facts.h2,
                 client_identity: facts.client_identity,
             });
-            serve_http(
-                TokioIo::new(*stream),
-                facts.h2,
-                connection,
-                protocols,
-                drain,
-            )
-            .await;
+            serve_http(*stream, facts.h2, false, connection, protocols, drain).await;
         }
         Ok(tls::Accepted::PlainHttp(stream)) => {
-            tls_failures.fetch_add(1, Ordering::Relaxed);
+            connection
+                .stats
+                .tls_failures
+                .fetch_add(1, Ordering::Relaxed);
             tracing::info!(%peer, listener = %connection.info.listener, "plain HTTP sent to a TLS port: answered 400");
-            refuse_plain_http(stream).await;
+            // Boxed: its buffer must not size every connection's task.
+            Box::pin(refuse_plain_http(stream)).await;
         }
         Err(err) => {
-            tls_failures.fetch_add(1, Ordering::Relaxed);
+            connection
+                .stats
+                .tls_failures
+                .fetch_add(1, Ordering::Relaxed);
             tracing::debug!(
                 %peer,
                 listener = %connection.info.listener,
@@ -250,34 +256,175 @@ async fn refuse_plain_http(mut stream: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
 }
 
-async fn serve_http<I>(
-    io: I,
+/// `fresh`: nothing was read from `io` yet, so the connection starts parked until the client
+/// sends. (A TLS stream may already hold the first request, read with the handshake.)
+async fn serve_http<T>(
+    io: T,
     h2: bool,
+    fresh: bool,
     connection: Connection,
     protocols: &Protocols,
-    mut drain: Signal,
+    drain: Signal,
 ) where
-    I: Read + Write + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static,
 {
     let peer = connection.info.peer;
     // One Arc clone per request, holding both the proxy and the connection's description.
     let connection = Arc::new(connection);
-    let service = service_fn(move |request: Request<Incoming>| {
-        let connection = connection.clone();
-        async move { Ok::<_, Infallible>(connection.proxy.handle(request, &connection.info).await) }
-    });
     let result = match protocols.http2.as_ref().filter(|_| h2) {
-        // On drain: GOAWAY, streams in flight finish, no new ones start.
-        Some(http2) => until_drained(http2.serve_connection(io, service), &mut drain).await,
-        // On drain: the request in flight finishes, then the connection closes.
-        None => {
-            let serving = protocols.http1.serve_connection(io, service);
-            until_drained(serving.with_upgrades(), &mut drain).await
-        }
+        Some(http2) => Box::pin(serve_http2(TokioIo::new(io), connection, http2, drain)).await,
+        None => Box::pin(serve_http1(io, fresh, connection, protocols, drain)).await,
     };
     if let Err(err) = result {
         tracing::debug!(%peer, error = %err, "client connection ended with an error");
     }
+}
+
+/// On drain: GOAWAY, streams in flight finish, no new ones start.
+async fn serve_http2<I>(
+    io: I,
+    connection: Arc<Connection>,
+    http2: &http2::Builder<TokioExecutor>,
+    mut drain: Signal,
+) -> hyper::Result<()>
+where
+    I: Read + Write + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request: Request<Incoming>| {
+        let connection = connection.clone();
+        async move { Ok::<_, Infallible>(connection.proxy.handle(request, &connection.info).await) }
+    });
+    until_drained(http2.serve_connection(io, service), &mut drain).await
+}
+
+/// What serving an HTTP/1 connection until its next idle moment came to.
+enum Served<T> {
+    /// Finished: closed by either side, upgraded, or failed.
+    Done(hyper::Result<()>),
+    /// Idle between requests: hyper gave the socket back.
+    Idle(T),
+}
+
+/// Serves requests while they come, and parks the connection in between: an idle keep-alive
+/// connection is its socket and this task, without hyper's buffers (about 16 KiB). It is
+/// closed after `timeouts.request_header` of silence, as hyper would close it. On drain: a
+/// parked connection closes at once; the request in flight finishes, then the connection
+/// closes.
+async fn serve_http1<T>(
+    io: T,
+    fresh: bool,
+    connection: Arc<Connection>,
+    protocols: &Protocols,
+    mut drain: Signal,
+) -> hyper::Result<()>
+where
+    T: AsyncRead + AsyncWrite + Readiness + Unpin + Send + 'static,
+{
+    let stats = connection.stats.clone();
+    let activity = Arc::new(Activity::default());
+    let mut io = ClientIo::new(io, activity.clone());
+    let mut service = {
+        let activity = activity.clone();
+        service_fn(move |request: Request<Incoming>| {
+            let open = activity.request_started(!request.body().is_end_stream());
+            let connection = connection.clone();
+            async move {
+                let response = connection.proxy.handle(request, &connection.info).await;
+                Ok::<_, Infallible>(response.map(|body| Claimed::new(body, open)))
+            }
+        })
+    };
+    let mut parked_now = fresh;
+    loop {
+        if parked_now {
+            let wake = parked(&io, protocols.timeouts.request_header, &mut drain);
+            match counted(&stats.parked, wake).await {
+                Wake::Readable => {}
+                Wake::Quiet | Wake::Drained => return Ok(()),
+            }
+        }
+        let serving = protocols
+            .http1
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        match serve_until_idle(Box::pin(serving), &activity, &mut drain).await {
+            Served::Done(result) => return result,
+            Served::Idle(serving) => {
+                let parts = serving
+                    .into_parts()
+                    .expect("an upgraded connection is done");
+                io = parts.io.into_inner();
+                io.replay(parts.read_buf);
+                service = parts.service;
+                // Bytes hyper had read of the next request are served at once.
+                parked_now = !io.has_replay();
+            }
+        }
+    }
+}
+
+async fn serve_until_idle<C>(
+    mut serving: Pin<Box<C>>,
+    activity: &Activity,
+    drain: &mut Signal,
+) -> Served<C>
+where
+    C: Future<Output = hyper::Result<()>> + GracefulShutdown + Unpin,
+{
+    let mut draining = false;
+    let idle = std::future::poll_fn(|cx| {
+        if !draining && drain.poll_fired(cx).is_ready() {
+            serving.as_mut().graceful_shutdown();
+            draining = true;
+        }
+        match serving.as_mut().poll(cx) {
+            Poll::Ready(result) => Poll::Ready(Some(result)),
+            Poll::Pending if !draining && activity.is_idle() => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
+    match idle {
+        Some(result) => Served::Done(result),
+        None => Served::Idle(*Pin::into_inner(serving)),
+    }
+}
+
+/// `gauge` counts `future` while it is pending.
+async fn counted<F: Future>(gauge: &AtomicUsize, future: F) -> F::Output {
+    struct Counted<'a>(&'a AtomicUsize);
+    impl Drop for Counted<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    gauge.fetch_add(1, Ordering::Relaxed);
+    let _counted = Counted(gauge);
+    future.await
+}
+
+enum Wake {
+    Readable,
+    /// Nothing came within the request-header timeout.
+    Quiet,
+    Drained,
+}
+
+/// Waits for the client's next bytes, holding no buffer.
+async fn parked<T: Readiness>(io: &ClientIo<T>, quiet: Duration, drain: &mut Signal) -> Wake {
+    let deadline = tokio::time::sleep(quiet);
+    tokio::pin!(deadline);
+    std::future::poll_fn(|cx| {
+        if drain.poll_fired(cx).is_ready() {
+            return Poll::Ready(Wake::Drained);
+        }
+        // An error or EOF is hyper's to see: it reads, finds it, and closes.
+        if io.poll_read_ready(cx).is_ready() {
+            return Poll::Ready(Wake::Readable);
+        }
+        deadline.as_mut().poll(cx).map(|()| Wake::Quiet)
+    })
+    .await
 }
 
 /// hyper's HTTP/1 and HTTP/2 server connections can both finish what is in flight and close.

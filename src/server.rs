@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{self, Config};
+pub use crate::listener::ListenerStats;
 use crate::listener::{Listener, ListenerCtx, Protocols};
 use crate::proxy::Proxy;
 use crate::shutdown::{self, Signal, Tracker, Trigger};
@@ -295,7 +296,7 @@ impl Server {
                     listener,
                     &terminators,
                 ))),
-                tls_failures: Arc::default(),
+                stats: Arc::default(),
             });
         }
         inherited.warn_unclaimed();
@@ -328,12 +329,12 @@ impl Server {
         self.reloader.clone()
     }
 
-    /// Failed TLS handshakes (and plain HTTP sent) on the listener named `name`.
-    pub fn tls_failures(&self, name: &str) -> Option<Arc<AtomicU64>> {
+    /// The counters of the listener named `name`.
+    pub fn listener_stats(&self, name: &str) -> Option<Arc<ListenerStats>> {
         self.listeners
             .iter()
             .find(|l| &*l.name == name)
-            .map(|l| l.tls_failures.clone())
+            .map(|l| l.stats.clone())
     }
 
     /// The bound address of each listener, by name (useful with port 0).
@@ -508,7 +509,7 @@ impl Server {
                 socket: socket.listener,
                 inherited: false,
                 ctx: Arc::new(ArcSwap::from_pointee(ctx)),
-                tls_failures: Arc::default(),
+                stats: Arc::default(),
             };
             let started = self.spawn_listener(serving, listener.bind, local, connections);
             running.insert(listener.name.clone(), started);

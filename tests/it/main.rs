@@ -8,6 +8,7 @@ mod config;
 mod errors;
 mod frames;
 mod http;
+mod keepalive;
 mod logs;
 mod reload;
 mod shutdown;

@@ -86,7 +86,10 @@ async fn unknown_sni_can_be_refused() {
     let client = site.pki.client_config(&[]);
     assert!(tls_connect(gw.addr, "a.test", client.clone()).await.is_ok());
     assert!(tls_connect(gw.addr, "127.0.0.1", client).await.is_err());
-    eventually("failure counted", || gw.tls_failures.load(SeqCst) >= 1).await;
+    eventually("failure counted", || {
+        gw.listener.tls_failures.load(SeqCst) >= 1
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -196,7 +199,10 @@ async fn a_silent_client_is_cut_at_the_handshake_timeout() {
     let mut buf = [0u8; 16];
     let read = within(WAIT, silent.read(&mut buf)).await;
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-    eventually("failure counted", || gw.tls_failures.load(SeqCst) == 1).await;
+    eventually("failure counted", || {
+        gw.listener.tls_failures.load(SeqCst) == 1
+    })
+    .await;
     assert!(tls_connect(gw.addr, "a.test", site.pki.client_config(&[]))
         .await
         .is_ok());

@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::client_io::ClientIo;
 use crate::shutdown::Signal;
 use crate::websocket::frame;
 
@@ -225,10 +226,18 @@ fn log_close(labels: &Labels, started: Instant, result: &io::Result<()>, outcome
     );
 }
 
-/// Plain TCP under hyper's `Upgraded` is taken out, with the bytes hyper had already read.
+/// Plain TCP under hyper's `Upgraded` (the upstream's, or the client's `ClientIo`) is taken
+/// out, with the bytes hyper had already read.
 fn unwrap_tcp(upgraded: Upgraded) -> (Io, Bytes) {
-    match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => (Io::Tcp(parts.io.into_inner()), parts.read_buf),
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => return (Io::Tcp(parts.io.into_inner()), parts.read_buf),
+        Err(upgraded) => upgraded,
+    };
+    match upgraded.downcast::<TokioIo<ClientIo<TcpStream>>>() {
+        Ok(parts) => {
+            let (tcp, early) = parts.io.into_inner().into_parts(parts.read_buf);
+            (Io::Tcp(tcp), early)
+        }
         Err(upgraded) => (Io::Upgraded(TokioIo::new(upgraded)), Bytes::new()),
     }
 }

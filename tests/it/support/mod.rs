@@ -14,14 +14,14 @@ pub mod ws;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::Location;
-use std::sync::atomic::AtomicU64;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use wsgate::router::RouteStats;
-use wsgate::server::{ReloadError, ReloadSummary};
+use wsgate::server::{ListenerStats, ReloadError, ReloadSummary};
 use wsgate::snapshot::{Current, Snapshot};
 use wsgate::upstream::Endpoint;
 use wsgate::Server;
@@ -102,8 +102,8 @@ pub fn upstream_config(name: &str, balance: &str, servers: &[SocketAddr]) -> Str
 /// A gateway running in this test's runtime, stopped by a oneshot-driven shutdown future.
 pub struct TestGateway {
     pub addr: SocketAddr,
-    /// Failed TLS handshakes on the (first) listener.
-    pub tls_failures: Arc<AtomicU64>,
+    /// The (first) listener's counters.
+    pub listener: Arc<ListenerStats>,
     /// Reloads the TLS listeners' certificates, as SIGHUP does.
     pub reloader: wsgate::server::Reloader,
     current: Current,
@@ -125,7 +125,7 @@ impl TestGateway {
             .await
             .expect("gateway binds 127.0.0.1:0");
         let (name, addr) = server.local_addrs().swap_remove(0);
-        let tls_failures = server.tls_failures(&name).expect("the listener exists");
+        let listener = server.listener_stats(&name).expect("the listener exists");
         let reloader = server.reloader();
         let current = server.current();
         let (stop, stop_signal) = oneshot::channel::<()>();
@@ -137,7 +137,7 @@ impl TestGateway {
         }));
         TestGateway {
             addr,
-            tls_failures,
+            listener,
             reloader,
             current,
             drain: config.timeouts.drain,
