@@ -7,7 +7,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -24,6 +24,8 @@ use tokio_rustls::server::TlsStream;
 pub struct Activity {
     /// Requests whose response hyper has not yet dropped.
     open: AtomicUsize,
+    /// Requests started so far.
+    started: AtomicU64,
     /// The latest request came with a body, which hyper may still be reading.
     body: AtomicBool,
     /// Bytes came in after the latest request head: pipelined requests, or a body.
@@ -37,9 +39,14 @@ impl Activity {
     /// the returned claim drops, which the response body does once hyper is done with it.
     pub fn request_started(self: &Arc<Self>, has_body: bool) -> OpenRequest {
         self.open.fetch_add(1, Ordering::Relaxed);
+        self.started.fetch_add(1, Ordering::Relaxed);
         self.body.store(has_body, Ordering::Relaxed);
         self.read_ahead.store(false, Ordering::Relaxed);
         OpenRequest(self.clone())
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
     }
 
     /// hyper has nothing in hand: every response is dropped (so written to its buffer) and
@@ -130,12 +137,13 @@ impl<T> ClientIo<T> {
     }
 }
 
+/// Never returns an empty slice of a larger buffer: it would keep the whole buffer alive.
 fn join(first: Bytes, then: Bytes) -> Bytes {
-    if then.is_empty() {
-        return first;
-    }
-    if first.is_empty() {
-        return then;
+    match (first.is_empty(), then.is_empty()) {
+        (true, true) => return Bytes::new(),
+        (false, true) => return first,
+        (true, false) => return then,
+        (false, false) => {}
     }
     let mut joined = BytesMut::with_capacity(first.len() + then.len());
     joined.extend_from_slice(&first);
@@ -180,6 +188,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
             let n = this.replay.len().min(buf.remaining());
             buf.put_slice(&this.replay[..n]);
             this.replay.advance(n);
+            if this.replay.is_empty() {
+                // Even empty, a slice of hyper's old read buffer would keep all 8 KiB of it.
+                this.replay = Bytes::new();
+            }
             this.activity.read_ahead.store(true, Ordering::Relaxed);
             return Poll::Ready(Ok(()));
         }
