@@ -4,6 +4,7 @@
 pub mod balance;
 pub mod pool;
 
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -86,7 +87,7 @@ pub struct Endpoint {
     /// Leases alive: requests in flight plus open tunnels.
     active: AtomicUsize,
     tunnels: AtomicUsize,
-    pool: Pool<RequestBody>,
+    pool: Pool<Connection>,
     /// Fired by a reload that removed the server, with the window (in milliseconds) over
     /// which its tunnels close.
     retired: Trigger,
@@ -101,6 +102,87 @@ struct Tls {
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tls").field("name", &self.name).finish()
+    }
+}
+
+/// hyper's state machine for one upstream connection, as a future that reads and writes.
+pub type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
+/// One HTTP/1 connection to a server: the sender and the state machine behind it. Whoever
+/// holds it drives it, in its own task: the request's, then the response body's, then the
+/// tunnel waiter's. There is no task per connection and no hop between tasks per request.
+pub struct Connection {
+    sender: SendRequest<RequestBody>,
+    /// `None` once it finished: closed by either side, failed, or upgraded.
+    driver: Option<Driver>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("finished", &self.driver.is_none())
+            .finish()
+    }
+}
+
+impl Connection {
+    /// Lets hyper read and write what it can; `true` while the connection lives.
+    fn poll_driver(&mut self, cx: &mut Context<'_>) -> bool {
+        poll_driver(&mut self.driver, cx)
+    }
+
+    /// `future` (a response, or the sender's readiness), with hyper driven alongside it. When
+    /// the connection ends first, hyper fails the future, which then resolves at once.
+    async fn drive<F: Future>(&mut self, future: Pin<&mut F>) -> F::Output {
+        let mut future = future;
+        poll_fn(move |cx| {
+            if let Poll::Ready(output) = future.as_mut().poll(cx) {
+                return Poll::Ready(output);
+            }
+            self.poll_driver(cx);
+            future.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// Whether a pooled connection can take a request now. Polled once first: a server that
+    /// closed it while it sat idle shows as a finished driver.
+    async fn is_reusable(&mut self, within: Duration) -> bool {
+        let alive = poll_fn(|cx| Poll::Ready(self.poll_driver(cx))).await;
+        if !alive || self.sender.is_closed() {
+            return false;
+        }
+        if self.sender.is_ready() {
+            return true;
+        }
+        let Connection { sender, driver } = self;
+        let ready = poll_fn(|cx| {
+            poll_driver(driver, cx);
+            sender.poll_ready(cx)
+        });
+        matches!(tokio::time::timeout(within, ready).await, Ok(Ok(())))
+    }
+}
+
+fn poll_driver(driver: &mut Option<Driver>, cx: &mut Context<'_>) -> bool {
+    let Some(running) = driver.as_mut() else {
+        return false;
+    };
+    match running.as_mut().poll(cx) {
+        Poll::Pending => true,
+        Poll::Ready(result) => {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "upstream connection ended with an error");
+            }
+            *driver = None;
+            false
+        }
+    }
+}
+
+impl pool::Pooled for Connection {
+    fn is_closed(&self) -> bool {
+        self.driver.is_none() || self.sender.is_closed()
     }
 }
 
@@ -128,7 +210,7 @@ impl Endpoint {
         self.retired.signal()
     }
 
-    async fn connect(&self, after: Duration) -> Result<SendRequest<RequestBody>, Error> {
+    async fn connect(&self, after: Duration) -> Result<Connection, Error> {
         let connecting = async {
             match &self.address {
                 ServerAddress::Ip(addr) => TcpStream::connect(addr).await,
@@ -172,23 +254,21 @@ impl Endpoint {
         }
     }
 
-    async fn handshake<I>(&self, io: I) -> Result<SendRequest<RequestBody>, Error>
+    async fn handshake<I>(&self, io: I) -> Result<Connection, Error>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (sender, connection) = http1::Builder::new()
+        let (sender, driver) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
             .map_err(|source| Error::Exchange {
                 server: self.label.clone(),
                 source,
             })?;
-        tokio::spawn(async move {
-            if let Err(err) = connection.with_upgrades().await {
-                tracing::debug!(error = %err, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(Connection {
+            sender,
+            driver: Some(Box::pin(driver.with_upgrades())),
+        })
     }
 }
 
@@ -326,7 +406,7 @@ fn tls_connector(config: &config::Upstream) -> Result<TlsConnector, SetupError> 
 #[derive(Debug)]
 pub struct Lease {
     endpoint: Arc<Endpoint>,
-    sender: Option<SendRequest<RequestBody>>,
+    connection: Option<Connection>,
     reused: bool,
     timeouts: Timeouts,
 }
@@ -356,7 +436,7 @@ impl Lease {
         endpoint.active.fetch_add(1, Ordering::Relaxed);
         Lease {
             endpoint,
-            sender: None,
+            connection: None,
             reused: false,
             timeouts: *timeouts,
         }
@@ -367,21 +447,16 @@ impl Lease {
     }
 
     async fn checkout(&mut self) -> Result<(), Error> {
-        while let Some(mut sender) = self.endpoint.pool.take(self.timeouts.upstream_keepalive) {
+        while let Some(mut connection) = self.endpoint.pool.take(self.timeouts.upstream_keepalive) {
             // Pooled only after its previous response ended, so it is ready at once or within
             // a moment, unless the server closed it meanwhile.
-            let ready = sender.is_ready()
-                || matches!(
-                    tokio::time::timeout(self.timeouts.connect, sender.ready()).await,
-                    Ok(Ok(()))
-                );
-            if ready {
-                self.sender = Some(sender);
+            if connection.is_reusable(self.timeouts.connect).await {
+                self.connection = Some(connection);
                 self.reused = true;
                 return Ok(());
             }
         }
-        self.sender = Some(self.endpoint.connect(self.timeouts.connect).await?);
+        self.connection = Some(self.endpoint.connect(self.timeouts.connect).await?);
         self.reused = false;
         Ok(())
     }
@@ -409,12 +484,15 @@ impl Lease {
         let mut request = Request::from_parts(parts, body);
         let mut sent = sent;
         loop {
-            let sender = self.sender.as_mut().expect("checked out before sending");
-            let response = sender.try_send_request(request);
+            let connection = self
+                .connection
+                .as_mut()
+                .expect("checked out before sending");
+            let response = connection.sender.try_send_request(request);
             tokio::pin!(response);
             let early = match sent.as_mut() {
                 Some(body_sent) => tokio::select! {
-                    result = &mut response => Some(result),
+                    result = connection.drive(response.as_mut()) => Some(result),
                     _ = body_sent => None,
                 },
                 None => None,
@@ -424,7 +502,7 @@ impl Lease {
                 None => {
                     sent = None;
                     let after = self.timeouts.upstream_response_header;
-                    tokio::time::timeout(after, &mut response)
+                    tokio::time::timeout(after, connection.drive(response.as_mut()))
                         .await
                         .map_err(|_| Error::ResponseTimeout {
                             server: self.endpoint.label.clone(),
@@ -442,7 +520,7 @@ impl Lease {
                 Some(unsent) if self.reused => {
                     tracing::debug!(server = %self.endpoint.label, "pooled connection was closed, reconnecting");
                     request = unsent;
-                    self.sender = Some(self.endpoint.connect(self.timeouts.connect).await?);
+                    self.connection = Some(self.endpoint.connect(self.timeouts.connect).await?);
                     self.reused = false;
                 }
                 _ => {
@@ -455,21 +533,32 @@ impl Lease {
         }
     }
 
+    /// Drives the connection while its response body is read: `true` while it lives.
+    pub fn poll_connection(&mut self, cx: &mut Context<'_>) -> bool {
+        self.connection
+            .as_mut()
+            .is_some_and(|connection| connection.poll_driver(cx))
+    }
+
     /// The response was read to its end: the connection can serve another request.
     pub fn release(mut self) {
-        if let Some(sender) = self.sender.take() {
-            self.endpoint.pool.put(sender);
+        if let Some(connection) = self.connection.take() {
+            self.endpoint.pool.put(connection);
         }
     }
 
-    /// The connection became a tunnel; the returned lease counts it until dropped.
-    pub fn into_tunnel(self) -> TunnelLease {
+    /// The connection became a tunnel; the returned lease counts it until dropped. The driver,
+    /// unless hyper already finished the switch, must run to its end for the upstream's
+    /// `OnUpgrade` to resolve.
+    pub fn into_tunnel(mut self) -> (TunnelLease, Option<Driver>) {
         self.endpoint.tunnels.fetch_add(1, Ordering::Relaxed);
         // The request count moves over to the tunnel lease, which gives it back on drop.
         self.endpoint.active.fetch_add(1, Ordering::Relaxed);
-        TunnelLease {
+        let driver = self.connection.take().and_then(|c| c.driver);
+        let lease = TunnelLease {
             endpoint: self.endpoint.clone(),
-        }
+        };
+        (lease, driver)
     }
 }
 
