@@ -32,8 +32,8 @@ const PARK_AFTER: Duration = Duration::from_millis(250);
 enum Served<C> {
     /// Finished: closed by either side, upgraded, or failed.
     Done(hyper::Result<()>),
-    /// Idle for `PARK_AFTER`: hyper can give the socket back.
-    Idle(C),
+    /// Idle for `PARK_AFTER` since the instant given: hyper can give the socket back.
+    Idle(C, Instant),
 }
 
 enum Wake {
@@ -44,8 +44,8 @@ enum Wake {
 }
 
 /// `fresh`: nothing was read from `io` yet, so the connection starts parked until the client
-/// sends. A parked connection is closed silently after `timeouts.request_header`, as hyper
-/// closes an idle one. On drain: a parked connection closes at once; the request in flight
+/// sends. An idle connection is closed silently `timeouts.request_header` after its last
+/// response, as hyper closes one. On drain: a parked connection closes at once; the request in flight
 /// finishes, then the connection closes.
 pub(super) async fn serve<T>(
     io: T,
@@ -75,12 +75,13 @@ where
     // timeout while parked.
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
-    let mut parked_now = fresh;
+    // Parked from the start, or since the instant the connection went idle.
+    let mut parked_since = fresh.then(Instant::now);
     loop {
-        if parked_now {
+        if let Some(since) = parked_since {
             timer
                 .as_mut()
-                .reset(Instant::now() + protocols.timeouts.request_header);
+                .reset(since + protocols.timeouts.request_header);
             let wake = parked(&io, timer.as_mut(), &mut drain);
             match counted(&stats.parked, wake).await {
                 Wake::Readable => {}
@@ -94,7 +95,7 @@ where
         // Boxed so that a parked connection's task does not carry hyper's connection state.
         match serve_until_idle(Box::pin(serving), &activity, &mut drain, timer.as_mut()).await {
             Served::Done(result) => return result,
-            Served::Idle(serving) => {
+            Served::Idle(serving, since) => {
                 let parts = serving
                     .into_parts()
                     .expect("an upgraded connection is done");
@@ -102,7 +103,7 @@ where
                 io.replay(parts.read_buf);
                 service = parts.service;
                 // Bytes hyper had read of the next request are served at once.
-                parked_now = !io.has_replay();
+                parked_since = (!io.has_replay()).then_some(since);
             }
         }
     }
@@ -124,13 +125,17 @@ where
     let mut requests_seen = activity.requests();
     let mut idle_since: Option<Instant> = None;
     timer.as_mut().reset(Instant::now() + PARK_AFTER);
-    let idle = poll_fn(|cx| {
+    enum Stop {
+        Done(hyper::Result<()>),
+        IdleSince(Instant),
+    }
+    let stop = poll_fn(|cx| {
         if !draining && drain.poll_fired(cx).is_ready() {
             serving.as_mut().graceful_shutdown();
             draining = true;
         }
         if let Poll::Ready(result) = serving.as_mut().poll(cx) {
-            return Poll::Ready(Some(result));
+            return Poll::Ready(Stop::Done(result));
         }
         let requests = activity.requests();
         if draining || requests != requests_seen || !activity.is_idle() {
@@ -147,16 +152,16 @@ where
                 return Poll::Pending;
             }
             if Instant::now() >= due {
-                return Poll::Ready(None);
+                return Poll::Ready(Stop::IdleSince(since));
             }
             // Fired for an earlier idle moment: wait for this one's.
             timer.as_mut().reset(due);
         }
     })
     .await;
-    match idle {
-        Some(result) => Served::Done(result),
-        None => Served::Idle(*Pin::into_inner(serving)),
+    match stop {
+        Stop::Done(result) => Served::Done(result),
+        Stop::IdleSince(since) => Served::Idle(*Pin::into_inner(serving), since),
     }
 }
 

@@ -54,13 +54,11 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Fixed(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Upstream { body, lease } => {
-                let mut frame = Pin::new(&mut *body).poll_frame(cx);
-                // The upstream connection is driven here, in the client's task: the poll
-                // above asked for data, hyper now reads it, and the body has it at once.
-                if frame.is_pending() && lease.as_mut().is_some_and(|l| l.poll_connection(cx)) {
-                    frame = Pin::new(&mut *body).poll_frame(cx);
-                }
-                let frame = ready!(frame);
+                // The upstream connection is driven here, in the client's task.
+                let frame = ready!(match lease.as_mut() {
+                    Some(lease) => lease.poll_body(Pin::new(&mut *body), cx),
+                    None => Pin::new(&mut *body).poll_frame(cx),
+                });
                 match &frame {
                     None => release(lease),
                     Some(Ok(_)) if body.is_end_stream() => release(lease),

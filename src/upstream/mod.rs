@@ -2,6 +2,7 @@
 //! then send through a `Lease` that counts the server's open requests and tunnels.
 
 pub mod balance;
+mod inline;
 pub mod pool;
 
 use std::future::{poll_fn, Future};
@@ -115,6 +116,7 @@ pub struct Connection {
     sender: SendRequest<RequestBody>,
     /// `None` once it finished: closed by either side, failed, or upgraded.
     driver: Option<Driver>,
+    inline: inline::Inline,
 }
 
 impl std::fmt::Debug for Connection {
@@ -126,39 +128,50 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
-    /// Lets hyper read and write what it can; `true` while the connection lives.
-    fn poll_driver(&mut self, cx: &mut Context<'_>) -> bool {
-        poll_driver(&mut self.driver, cx)
-    }
-
-    /// `future` (a response, or the sender's readiness), with hyper driven alongside it. When
-    /// the connection ends first, hyper fails the future, which then resolves at once.
-    async fn drive<F: Future>(&mut self, future: Pin<&mut F>) -> F::Output {
-        let mut future = future;
-        poll_fn(move |cx| {
-            if let Poll::Ready(output) = future.as_mut().poll(cx) {
+    /// `future` (a response, or a body frame) with hyper driven alongside: `future` first, so
+    /// that hyper sees what it asked for, then hyper, then `future` again. Wakes this causes
+    /// are served inline. When the connection ends first, hyper fails the future, which then
+    /// resolves at once.
+    fn poll_driven<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut future: impl FnMut(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        let Connection { driver, inline, .. } = self;
+        inline.poll(cx, |cx| {
+            if let Poll::Ready(output) = future(cx) {
                 return Poll::Ready(output);
             }
-            self.poll_driver(cx);
-            future.as_mut().poll(cx)
+            poll_driver(driver, cx);
+            future(cx)
         })
-        .await
+    }
+
+    async fn drive<F: Future>(&mut self, future: Pin<&mut F>) -> F::Output {
+        let mut future = future;
+        poll_fn(move |cx| self.poll_driven(cx, |cx| future.as_mut().poll(cx))).await
     }
 
     /// Whether a pooled connection can take a request now. Polled once first: a server that
     /// closed it while it sat idle shows as a finished driver.
     async fn is_reusable(&mut self, within: Duration) -> bool {
-        let alive = poll_fn(|cx| Poll::Ready(self.poll_driver(cx))).await;
-        if !alive || self.sender.is_closed() {
+        let Connection {
+            sender,
+            driver,
+            inline,
+        } = self;
+        let alive = poll_fn(|cx| inline.poll(cx, |cx| Poll::Ready(poll_driver(driver, cx)))).await;
+        if !alive || sender.is_closed() {
             return false;
         }
-        if self.sender.is_ready() {
+        if sender.is_ready() {
             return true;
         }
-        let Connection { sender, driver } = self;
         let ready = poll_fn(|cx| {
-            poll_driver(driver, cx);
-            sender.poll_ready(cx)
+            inline.poll(cx, |cx| {
+                poll_driver(driver, cx);
+                sender.poll_ready(cx)
+            })
         });
         matches!(tokio::time::timeout(within, ready).await, Ok(Ok(())))
     }
@@ -268,6 +281,7 @@ impl Endpoint {
         Ok(Connection {
             sender,
             driver: Some(Box::pin(driver.with_upgrades())),
+            inline: inline::Inline::default(),
         })
     }
 }
@@ -408,7 +422,15 @@ pub struct Lease {
     endpoint: Arc<Endpoint>,
     connection: Option<Connection>,
     reused: bool,
-    timeouts: Timeouts,
+    timeouts: LeaseTimeouts,
+}
+
+/// The timeouts a lease uses, not all eight: a lease lives in every response body.
+#[derive(Debug, Clone, Copy)]
+struct LeaseTimeouts {
+    connect: Duration,
+    upstream_keepalive: Duration,
+    upstream_response_header: Duration,
 }
 
 /// A lease that became a tunnel: one pointer, since it lives in every open WebSocket. It counts
@@ -438,7 +460,11 @@ impl Lease {
             endpoint,
             connection: None,
             reused: false,
-            timeouts: *timeouts,
+            timeouts: LeaseTimeouts {
+                connect: timeouts.connect,
+                upstream_keepalive: timeouts.upstream_keepalive,
+                upstream_response_header: timeouts.upstream_response_header,
+            },
         }
     }
 
@@ -533,16 +559,23 @@ impl Lease {
         }
     }
 
-    /// Drives the connection while its response body is read: `true` while it lives.
-    pub fn poll_connection(&mut self, cx: &mut Context<'_>) -> bool {
-        self.connection
-            .as_mut()
-            .is_some_and(|connection| connection.poll_driver(cx))
+    /// The next frame of this lease's response body, driving the connection as it is read.
+    pub fn poll_body(
+        &mut self,
+        body: Pin<&mut Incoming>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let mut body = body;
+        match self.connection.as_mut() {
+            Some(connection) => connection.poll_driven(cx, |cx| body.as_mut().poll_frame(cx)),
+            None => body.poll_frame(cx),
+        }
     }
 
     /// The response was read to its end: the connection can serve another request.
     pub fn release(mut self) {
         if let Some(connection) = self.connection.take() {
+            connection.inline.forget_task();
             self.endpoint.pool.put(connection);
         }
     }
