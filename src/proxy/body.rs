@@ -54,11 +54,7 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Fixed(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Upstream { body, lease } => {
-                // The upstream connection is driven here, in the client's task.
-                let frame = ready!(match lease.as_mut() {
-                    Some(lease) => lease.poll_body(Pin::new(&mut *body), cx),
-                    None => Pin::new(&mut *body).poll_frame(cx),
-                });
+                let frame = ready!(Pin::new(&mut *body).poll_frame(cx));
                 match &frame {
                     None => release(lease),
                     Some(Ok(_)) if body.is_end_stream() => release(lease),

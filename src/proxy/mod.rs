@@ -327,21 +327,13 @@ impl Proxy {
             signals,
         } = tunnel;
         route.stats.tunnel_opened();
-        let (lease, driver) = lease.into_tunnel();
         let hold = TunnelHold {
-            _lease: lease,
+            _lease: lease.into_tunnel(),
             _guard: self.tunnels.guard(),
             stats: route.stats.clone(),
         };
         // This small task only waits for both sides to switch; the tunnel is a task of its
         // own, allocated once the handshake's buffers are freed.
-        let upstream = async move {
-            // hyper hands the upstream socket over once its side of the switch is done.
-            if let Some(driver) = driver {
-                let _ = driver.await;
-            }
-            upstream.await
-        };
         tokio::spawn(async move {
             match tokio::try_join!(client, upstream) {
                 Ok((client, upstream)) => {

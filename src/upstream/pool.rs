@@ -3,29 +3,25 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
 
 /// Beyond this many idle connections per server, the oldest is closed: enough to absorb a
 /// burst, few enough that a quiet proxy does not hold thousands of backend sockets.
 const MAX_IDLE_PER_SERVER: usize = 128;
 
-/// What the pool can tell about a connection without driving it.
-pub trait Pooled {
-    fn is_closed(&self) -> bool;
+#[derive(Debug)]
+pub struct Pool<B> {
+    idle: Mutex<Vec<Idle<B>>>,
 }
 
 #[derive(Debug)]
-pub struct Pool<C> {
-    idle: Mutex<Vec<Idle<C>>>,
-}
-
-#[derive(Debug)]
-struct Idle<C> {
-    connection: C,
+struct Idle<B> {
+    sender: SendRequest<B>,
     since: Instant,
 }
 
-impl<C> Default for Pool<C> {
+impl<B> Default for Pool<B> {
     fn default() -> Self {
         Pool {
             idle: Mutex::new(Vec::new()),
@@ -33,9 +29,9 @@ impl<C> Default for Pool<C> {
     }
 }
 
-impl<C: Pooled> Pool<C> {
-    /// The freshest idle connection younger than `keepalive` not known to be closed.
-    pub fn take(&self, keepalive: Duration) -> Option<C> {
+impl<B> Pool<B> {
+    /// The freshest idle connection younger than `keepalive` whose peer has not closed it.
+    pub fn take(&self, keepalive: Duration) -> Option<SendRequest<B>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         // Older entries sit at the front; once one is stale, all before it are too.
@@ -45,15 +41,15 @@ impl<C: Pooled> Pool<C> {
             idle.clear();
         }
         while let Some(entry) = idle.pop() {
-            if !entry.connection.is_closed() {
-                return Some(entry.connection);
+            if !entry.sender.is_closed() {
+                return Some(entry.sender);
             }
         }
         None
     }
 
-    pub fn put(&self, connection: C) {
-        if connection.is_closed() {
+    pub fn put(&self, sender: SendRequest<B>) {
+        if sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -61,7 +57,7 @@ impl<C: Pooled> Pool<C> {
             idle.remove(0);
         }
         idle.push(Idle {
-            connection,
+            sender,
             since: Instant::now(),
         });
     }
