@@ -98,9 +98,19 @@ pub fn to_downstream(headers: &mut HeaderMap, switching: bool) {
 /// Removes the fixed hop-by-hop set and every header that `Connection` names, across all its
 /// field lines. `Host` is never removed: routing and the upstream depend on it.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names finds what is there: most messages carry none of these (or only
+    // `Connection`), and each removal costs a hash and a probe.
+    let mut present = false;
     // Usually `keep-alive`, `close` or `upgrade`; only allocate for unusual names.
     let mut listed: Vec<HeaderName> = Vec::new();
-    for value in headers.get_all(CONNECTION) {
+    for (name, value) in headers.iter() {
+        if !HOP_BY_HOP.contains(name) {
+            continue;
+        }
+        present = true;
+        if name != CONNECTION {
+            continue;
+        }
         for token in value.to_str().unwrap_or("").split(',') {
             let token = token.trim();
             let known = token.is_empty()
@@ -116,6 +126,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
                 }
             }
         }
+    }
+    if !present {
+        return;
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);
@@ -149,7 +162,7 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
     if !value.is_empty() {
         value.push_str(", ");
     }
-    let _ = write!(value, "{client}");
+    push_ip(&mut value, client);
     if let Ok(value) = HeaderValue::try_from(value) {
         headers.insert(&X_FORWARDED_FOR, value);
     }
@@ -162,11 +175,14 @@ fn append_forwarded(headers: &mut HeaderMap, forwarding: &Forwarding<'_>) {
     }
     // RFC 7239 §6: IPv6 nodes are bracketed and quoted; values outside `token` are quoted.
     match forwarding.client {
-        IpAddr::V4(ip) => {
-            let _ = write!(value, "for={ip}");
+        IpAddr::V4(_) => {
+            value.push_str("for=");
+            push_ip(&mut value, forwarding.client);
         }
-        IpAddr::V6(ip) => {
-            let _ = write!(value, "for=\"[{ip}]\"");
+        IpAddr::V6(_) => {
+            value.push_str("for=\"[");
+            push_ip(&mut value, forwarding.client);
+            value.push_str("]\"");
         }
     }
     if let Some(host) = forwarding.host.and_then(|h| h.to_str().ok()) {
@@ -174,20 +190,48 @@ fn append_forwarded(headers: &mut HeaderMap, forwarding: &Forwarding<'_>) {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
         {
-            let _ = write!(value, ";host={host}");
+            value.push_str(";host=");
+            value.push_str(host);
         } else if !host.contains(['"', '\\']) {
-            let _ = write!(value, ";host=\"{host}\"");
+            value.push_str(";host=\"");
+            value.push_str(host);
+            value.push('"');
         }
     }
-    let _ = write!(value, ";proto={}", forwarding.proto);
+    value.push_str(";proto=");
+    value.push_str(forwarding.proto);
     if let Ok(value) = HeaderValue::try_from(value) {
         headers.insert(FORWARDED, value);
     }
 }
 
-/// All field lines of `name` as one comma-separated list (RFC 9110 §5.3).
+/// IPv4 without `core::fmt`, which is most of what building these two headers cost.
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(ip) => {
+            for (i, octet) in ip.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(char::from(b'0' + octet / 10 % 10));
+                }
+                out.push(char::from(b'0' + octet % 10));
+            }
+        }
+        IpAddr::V6(ip) => {
+            let _ = write!(out, "{ip}");
+        }
+    }
+}
+
+/// All field lines of `name` as one comma-separated list (RFC 9110 §5.3), with room for what
+/// the caller appends.
 fn joined(headers: &HeaderMap, name: &HeaderName) -> String {
-    let mut out = String::new();
+    let mut out = String::with_capacity(64);
     for value in headers.get_all(name) {
         if let Ok(text) = value.to_str() {
             if !out.is_empty() {
@@ -218,6 +262,22 @@ mod tests {
         let mut names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
         names
+    }
+
+    #[test]
+    fn addresses_are_written_as_std_writes_them() {
+        let mut ips: Vec<IpAddr> = (0..=255u8)
+            .map(|o| IpAddr::from([o, 255 - o, o / 3, o / 17]))
+            .collect();
+        ips.extend(
+            ["::1", "2001:db8::8a2e:370:7334", "::ffff:10.0.0.1"]
+                .map(|ip| ip.parse::<IpAddr>().unwrap()),
+        );
+        for ip in ips {
+            let mut out = String::new();
+            push_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string());
+        }
     }
 
     #[test]
