@@ -35,5 +35,8 @@ pub mod tls;
 pub mod upstream;
 pub mod websocket;
 
+/// Public for the fuzz target; the listener reads it before TLS.
+pub use listener::proxy_protocol;
+
 pub use config::Config;
 pub use server::Server;

@@ -3,6 +3,7 @@
 //! hyper (HTTP/1.1, or HTTP/2 by ALPN or h2c preface) until done or drained.
 
 mod h1;
+pub mod proxy_protocol;
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
