@@ -5,8 +5,11 @@
 //! already what the runtime uses (header names and values, status codes, TLS server names,
 //! addresses): nothing downstream parses config text again, so nothing can fail there.
 
+mod cidr;
 mod raw;
 mod validate;
+
+pub use cidr::{Cidr, CidrError, CidrProblem, CidrSet};
 
 use std::fmt;
 use std::net::SocketAddr;
