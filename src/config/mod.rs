@@ -6,10 +6,12 @@
 //! addresses): nothing downstream parses config text again, so nothing can fail there.
 
 mod cidr;
+mod origin;
 mod raw;
 mod validate;
 
 pub use cidr::{Cidr, CidrError, CidrProblem, CidrSet};
+pub use origin::{Origin, OriginPattern, OriginPatternError};
 
 use std::fmt;
 use std::net::SocketAddr;
