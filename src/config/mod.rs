@@ -15,6 +15,7 @@ pub use origin::{Origin, OriginPattern, OriginPatternError};
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -123,6 +124,14 @@ impl Default for Limits {
             h2_connection_window: 4 * 1024 * 1024,
         }
     }
+}
+
+/// A token bucket's parameters: one token earned every `interval`, at most `burst` held, one
+/// spent per admission. The bucket itself is per client, in `proxy::policy::ClientLimiter`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub interval: Duration,
+    pub burst: NonZeroU32,
 }
 
 #[derive(Debug, Clone)]

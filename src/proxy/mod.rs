@@ -5,6 +5,7 @@
 pub mod body;
 pub mod error;
 pub mod headers;
+pub mod policy;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
