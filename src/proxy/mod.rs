@@ -83,7 +83,9 @@ struct RequestCtx<'a> {
     conn: &'a ConnInfo,
 }
 
-/// The request facts kept for logging after the request itself has moved upstream.
+/// The request facts kept for logging after the request itself has moved upstream. Owned
+/// copies, not slices of the request head: a slice keeps hyper's whole read buffer (8 KiB)
+/// alive for as long as the request waits upstream, minutes for a long poll.
 struct Facts {
     method: Method,
     host: HeaderValue,
@@ -109,10 +111,11 @@ impl Proxy {
             method: request.method().clone(),
             host: host
                 .as_ref()
-                .cloned()
-                .unwrap_or(HeaderValue::from_static("")),
-            uri: request.uri().clone(),
+                .map_or(HeaderValue::from_static(""), detached_value),
+            uri: detached_uri(request.uri()),
         };
+        // Only whether it was valid is matched on below, across the wait for the upstream.
+        let host = host.map(drop);
         let host_text = facts.host.to_str().unwrap_or("");
         let path = facts.uri.path();
         let mut route = None;
@@ -386,6 +389,21 @@ fn connect_protocol(request: &Request<Incoming>) -> Option<&str> {
         .extensions()
         .get::<hyper::ext::Protocol>()
         .map(hyper::ext::Protocol::as_str)
+}
+
+fn detached_value(value: &HeaderValue) -> HeaderValue {
+    HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone())
+}
+
+fn detached_uri(uri: &Uri) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = uri.scheme().cloned();
+    parts.authority = uri.authority().and_then(|a| a.as_str().parse().ok());
+    parts.path_and_query = uri.path_and_query().and_then(|pq| match pq.as_str() {
+        "/" => Some(PathAndQuery::from_static("/")),
+        text => text.parse().ok(),
+    });
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
 }
 
 /// The host a request is for: the absolute-form authority if present (RFC 9112 §3.2.2),
