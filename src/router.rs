@@ -187,6 +187,11 @@ mod tests {
             },
             upgrades: Vec::new(),
             websocket: config::WebSocket::default(),
+            origins: None,
+            subprotocols: None,
+            max_request_body: None,
+            timeouts: (&config::Timeouts::default()).into(),
+            max_tunnels_per_client: None,
         }
     }
 

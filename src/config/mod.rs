@@ -255,6 +255,70 @@ pub struct Route {
     /// Upgrade protocols besides `websocket` that this route passes through, lowercase.
     pub upgrades: Vec<String>,
     pub websocket: WebSocket,
+    /// `None`: any origin.
+    pub origins: Option<OriginPolicy>,
+    /// `None`: every offer goes to the backend.
+    pub subprotocols: Option<SubprotocolPolicy>,
+    /// Larger request bodies get 413; `None`: no limit.
+    pub max_request_body: Option<u64>,
+    /// The global timeouts with this route's overrides applied.
+    pub timeouts: RouteTimeouts,
+    /// Open tunnels one client address may have on this route: the route's own value, or
+    /// `[limits.per_client] max_tunnels_per_route`.
+    pub max_tunnels_per_client: Option<u32>,
+}
+
+/// Which browser origins may use a route (cross-site WebSocket hijacking, RFC 6455 §10.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginPolicy {
+    pub allowed: Vec<OriginPattern>,
+    /// Let in requests without `Origin` (non-browser clients send none).
+    pub allow_missing: bool,
+    pub check: OriginCheck,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginCheck {
+    /// WebSocket handshakes only.
+    WebSocket,
+    /// Every request.
+    All,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubprotocolPolicy {
+    /// Compared exactly with the client's offers.
+    pub allowed: Vec<String>,
+    pub unmatched: SubprotocolUnmatched,
+}
+
+/// A handshake that offered subprotocols, none of them allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubprotocolUnmatched {
+    /// 400.
+    Refuse,
+    /// To the backend without `Sec-WebSocket-Protocol`.
+    Forward,
+}
+
+/// The timeouts a route can set for itself; each defaults to the global one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteTimeouts {
+    pub connect: Duration,
+    pub upstream_response_header: Duration,
+    pub websocket_idle: Duration,
+    pub websocket_half_closed: Duration,
+}
+
+impl From<&Timeouts> for RouteTimeouts {
+    fn from(global: &Timeouts) -> RouteTimeouts {
+        RouteTimeouts {
+            connect: global.connect,
+            upstream_response_header: global.upstream_response_header,
+            websocket_idle: global.websocket_idle,
+            websocket_half_closed: global.websocket_half_closed,
+        }
+    }
 }
 
 /// What wsgate does with a WebSocket tunnel's frames; every byte passes through untouched

@@ -127,6 +127,25 @@ pub struct Route {
     #[serde(default)]
     pub upgrades: Vec<Spanned<String>>,
     pub websocket: Option<WebSocket>,
+    /// Absent: no check; `[]`: no browser origin is allowed.
+    pub allowed_origins: Option<Vec<Spanned<String>>>,
+    pub allow_missing_origin: Option<Spanned<bool>>,
+    pub origin_check: Option<Spanned<String>>,
+    pub subprotocols: Option<Vec<Spanned<String>>>,
+    pub subprotocol_unmatched: Option<Spanned<String>>,
+    pub max_request_body: Option<Spanned<i64>>,
+    pub max_tunnels_per_client: Option<Spanned<i64>>,
+    pub timeouts: Option<RouteTimeouts>,
+}
+
+/// A route's `timeouts = { ... }`: the global keys that make sense for one route.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTimeouts {
+    pub connect: Option<Spanned<String>>,
+    pub upstream_response_header: Option<Spanned<String>>,
+    pub websocket_idle: Option<Spanned<String>>,
+    pub websocket_half_closed: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

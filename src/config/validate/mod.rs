@@ -97,14 +97,17 @@ impl Validator<'_> {
         };
         let upstreams = self.upstreams(raw.upstreams);
         let websocket = self.websocket(raw.websocket, &crate::config::WebSocket::default());
+        // Routes start from these.
+        let timeouts = self.timeouts(raw.timeouts);
+        let limits = self.limits(raw.limits);
         Config {
             workers,
             log: self.log(raw.log),
-            timeouts: self.timeouts(raw.timeouts),
-            limits: self.limits(raw.limits),
             reload: self.reload(raw.reload),
             listeners: self.listeners(raw.listeners),
-            routes: self.routes(raw.routes, &upstreams, &websocket),
+            routes: self.routes(raw.routes, &upstreams, &websocket, &timeouts, &limits),
+            timeouts,
+            limits,
             upstreams,
         }
     }
