@@ -245,6 +245,7 @@ fn listener_ctx(
         tls: terminators
             .get(&listener.name)
             .map(|terminator| terminator.acceptor.clone()),
+        proxy_protocol: listener.proxy_protocol.clone(),
     }
 }
 

@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::client_io::Readiness;
-use crate::config::{Limits, Timeouts};
+use crate::config::{self, Limits, Timeouts};
 use crate::proxy::{error::PLAIN_HTTP_TO_TLS_PORT, ConnInfo, Proxy, TlsInfo};
 use crate::shutdown::{Signal, Tracker};
 use crate::tls;
@@ -55,12 +55,16 @@ pub struct ListenerStats {
     pub tls_failures: AtomicU64,
     /// HTTP/1 connections idle between requests, held without hyper's buffers.
     pub parked: AtomicUsize,
+    /// Connections closed for their PROXY header: missing, malformed, late, or untrusted peer.
+    pub proxy_header_failures: AtomicU64,
 }
 
 /// A listener's serving parameters, replaced whole by a reload.
 pub struct ListenerCtx {
     pub protocols: Arc<Protocols>,
     pub tls: Option<TlsAcceptor>,
+    /// Every connection opens with a PROXY header, read before TLS.
+    pub proxy_protocol: Option<config::ProxyProtocol>,
 }
 
 /// The hyper builders of one listener, configured once.
@@ -170,12 +174,24 @@ struct Connection {
 /// task is allocated once for the connection's life, sized by its largest state, and an idle
 /// keep-alive connection should not keep paying for a handshake long over.
 async fn serve_connection(
-    stream: TcpStream,
-    connection: Connection,
+    mut stream: TcpStream,
+    mut connection: Connection,
     ctx: Arc<ListenerCtx>,
     drain: Signal,
 ) {
     let _ = stream.set_nodelay(true);
+    if let Some(proxy_protocol) = &ctx.proxy_protocol {
+        match Box::pin(client_from_proxy_header(
+            &mut stream,
+            &connection,
+            proxy_protocol,
+        ))
+        .await
+        {
+            Some(client) => connection.info.peer = client,
+            None => return,
+        }
+    }
     let protocols = &ctx.protocols;
     match &ctx.tls {
         None => {
@@ -184,6 +200,44 @@ async fn serve_connection(
             serve_http(stream, h2, true, connection, protocols, drain).await;
         }
         Some(acceptor) => Box::pin(serve_tls(stream, acceptor, connection, protocols, drain)).await,
+    }
+}
+
+/// The client the balancer's PROXY header names (the socket's peer for v2 `LOCAL`), or `None`
+/// once the connection is to be closed: its one log line is written here. An untrusted peer's
+/// bytes are never parsed.
+async fn client_from_proxy_header(
+    stream: &mut TcpStream,
+    connection: &Connection,
+    proxy_protocol: &config::ProxyProtocol,
+) -> Option<std::net::SocketAddr> {
+    let peer = connection.info.peer;
+    let listener = &*connection.info.listener;
+    let failed = || {
+        connection
+            .stats
+            .proxy_header_failures
+            .fetch_add(1, Ordering::Relaxed);
+    };
+    if !proxy_protocol.from.contains(peer.ip()) {
+        failed();
+        tracing::warn!(%peer, listener, "PROXY header refused: peer is not in proxy_protocol_from; closed");
+        return None;
+    }
+    match proxy_protocol::read_header(stream, proxy_protocol.timeout).await {
+        Ok(source) => Some(source.map_or(peer, |s| {
+            std::net::SocketAddr::new(s.ip().to_canonical(), s.port())
+        })),
+        Err(err) => {
+            failed();
+            tracing::warn!(
+                %peer,
+                listener,
+                error = %crate::telemetry::error_chain(&err),
+                "PROXY header refused; closed"
+            );
+            None
+        }
     }
 }
 
@@ -401,6 +455,7 @@ mod tests {
         let ctx = Arc::new(ListenerCtx {
             protocols: Arc::new(Protocols::new(&config.timeouts, &config.limits, true)),
             tls: None,
+            proxy_protocol: None,
         });
         let task =
             std::mem::size_of_val(&serve_connection(stream, connection(), ctx, drain.clone()));

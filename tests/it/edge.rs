@@ -1,0 +1,197 @@
+//! At the edge (issue 12): PROXY protocol behind an L4 balancer, trusted forwarding headers,
+//! handshake policy (Origin, subprotocols), per-client limits and bounded resources.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::tls::{Issued, Pki};
+use crate::support::*;
+
+const SECOND_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+/// A listener `edge` on 127.0.0.1:0 with `keys`, in front of `rest` (routes, upstreams).
+fn listener(keys: &str, rest: &str) -> String {
+    format!("{rest}\n[[listener]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\n{keys}\n")
+}
+
+/// PROXY protocol from 127.0.0.1 only, with a short header timeout.
+const PROXY_KEYS: &str = "proxy_protocol = true\nproxy_protocol_from = [\"127.0.0.1/32\"]\n\
+                          proxy_protocol_timeout = \"300ms\"\n";
+
+fn tls_keys(issued: &Issued) -> String {
+    format!(
+        "\n[listener.tls]\ncertificates = [{{ cert = {:?}, key = {:?} }}]\n",
+        issued.cert, issued.key
+    )
+}
+
+const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n";
+
+const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+
+fn v1(client: SocketAddr) -> Vec<u8> {
+    format!(
+        "PROXY TCP4 {} 127.0.0.1 {} 443\r\n",
+        client.ip(),
+        client.port()
+    )
+    .into_bytes()
+}
+
+fn v2(client: SocketAddr) -> Vec<u8> {
+    let IpAddr::V4(ip) = client.ip() else {
+        panic!("IPv4 only")
+    };
+    let mut header = V2_SIGNATURE.to_vec();
+    header.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    header.extend_from_slice(&ip.octets());
+    header.extend_from_slice(&[127, 0, 0, 1]);
+    header.extend_from_slice(&client.port().to_be_bytes());
+    header.extend_from_slice(&443u16.to_be_bytes());
+    header
+}
+
+fn v2_local() -> Vec<u8> {
+    let mut header = V2_SIGNATURE.to_vec();
+    header.extend_from_slice(&[0x20, 0x00, 0, 0]);
+    header
+}
+
+fn carried() -> SocketAddr {
+    "203.0.113.9:40000".parse().unwrap()
+}
+
+/// The connection is closed without an answer (EOF or reset).
+async fn assert_closed_unanswered(client: &mut RawClient) {
+    let rest = client.read_to_close().await;
+    assert!(
+        rest.is_empty(),
+        "answered: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+}
+
+async fn proxied_gateway(keys: &str) -> (HttpBackend, TestGateway) {
+    let backend = HttpBackend::start("a").await;
+    let gw = TestGateway::start(&listener(keys, &proxy_config(&[backend.addr]))).await;
+    (backend, gw)
+}
+
+#[tokio::test]
+async fn proxy_v1_and_v2_from_a_trusted_peer_carry_the_client_address_upstream() {
+    let (mut backend, gw) = proxied_gateway(PROXY_KEYS).await;
+    for header in [v1(carried()), v2(carried())] {
+        let mut client = RawClient::connect(gw.addr).await;
+        let mut bytes = header.clone();
+        bytes.extend_from_slice(GET);
+        client.send(&bytes).await;
+        assert_eq!(client.read_response().await.status(), 200);
+        let seen = backend.next_request().await;
+        assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.9"));
+    }
+}
+
+#[tokio::test]
+async fn proxy_header_is_read_before_tls() {
+    let backend_pki = Pki::new();
+    let issued = backend_pki.issue("edge", &["app.test"]);
+    let (mut backend, gw) = proxied_gateway(&format!("{PROXY_KEYS}{}", tls_keys(&issued))).await;
+    for header in [v1(carried()), v2(carried())] {
+        let mut stream = within(WAIT, TcpStream::connect(gw.addr)).await.unwrap();
+        within(WAIT, stream.write_all(&header)).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("app.test").unwrap();
+        let connector = tokio_rustls::TlsConnector::from(backend_pki.client_config(&[b"http/1.1"]));
+        let mut tls = within(WAIT, connector.connect(name, stream))
+            .await
+            .expect("TLS after the PROXY header");
+        within(WAIT, tls.write_all(GET)).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = within(WAIT, tls.read_to_end(&mut answer)).await;
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&answer)
+        );
+        let seen = backend.next_request().await;
+        assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.9"));
+    }
+}
+
+#[tokio::test]
+async fn proxy_v2_local_keeps_the_socket_address() {
+    let (mut backend, gw) = proxied_gateway(PROXY_KEYS).await;
+    let mut client = RawClient::connect(gw.addr).await;
+    let mut bytes = v2_local();
+    bytes.extend_from_slice(GET);
+    client.send(&bytes).await;
+    assert_eq!(client.read_response().await.status(), 200);
+    let seen = backend.next_request().await;
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+}
+
+#[tokio::test]
+async fn proxy_header_from_an_untrusted_peer_closes_the_connection_unread() {
+    let (backend, gw) = proxied_gateway(PROXY_KEYS).await;
+    let mut client = RawClient::connect_from(gw.addr, SECOND_CLIENT).await;
+    let mut bytes = v1(carried());
+    bytes.extend_from_slice(GET);
+    client.send(&bytes).await;
+    assert_closed_unanswered(&mut client).await;
+    assert_eq!(gw.listener.proxy_header_failures.load(Ordering::Relaxed), 1);
+    assert_eq!(backend.connections(), 0);
+}
+
+#[tokio::test]
+async fn a_missing_malformed_or_truncated_proxy_header_closes_the_connection() {
+    let (backend, gw) = proxied_gateway(PROXY_KEYS).await;
+    let malformed: &[&[u8]] = &[
+        GET,
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 443\r\n",
+        b"PROXY TCP9 1.2.3.4 5.6.7.8 1 2\r\n",
+    ];
+    for bytes in malformed {
+        let mut client = RawClient::connect(gw.addr).await;
+        client.send(bytes).await;
+        assert_closed_unanswered(&mut client).await;
+    }
+    // Truncated: the peer closes its side inside the header.
+    for bytes in [&b"PROXY TCP4 1.2.3.4"[..], &v2(carried())[..20]] {
+        let mut client = RawClient::connect(gw.addr).await;
+        client.send(bytes).await;
+        client.shutdown_write().await;
+        assert_closed_unanswered(&mut client).await;
+    }
+    eventually("five failures counted", || {
+        gw.listener.proxy_header_failures.load(Ordering::Relaxed) == 5
+    })
+    .await;
+    assert_eq!(backend.connections(), 0);
+}
+
+#[tokio::test]
+async fn a_proxy_header_arriving_byte_by_byte_is_read_whole() {
+    let (mut backend, gw) = proxied_gateway(PROXY_KEYS).await;
+    for header in [v1(carried()), v2(carried())] {
+        let mut client = RawClient::connect(gw.addr).await;
+        for byte in &header {
+            client.send([*byte]).await;
+        }
+        client.send(GET).await;
+        assert_eq!(client.read_response().await.status(), 200);
+        let seen = backend.next_request().await;
+        assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.9"));
+    }
+}
+
+#[tokio::test]
+async fn a_proxy_header_that_never_arrives_times_out() {
+    let (backend, gw) = proxied_gateway(PROXY_KEYS).await;
+    let mut client = RawClient::connect(gw.addr).await;
+    // Says nothing: closed after proxy_protocol_timeout (300ms), well within WAIT.
+    assert_closed_unanswered(&mut client).await;
+    assert_eq!(gw.listener.proxy_header_failures.load(Ordering::Relaxed), 1);
+    assert_eq!(backend.connections(), 0);
+}
