@@ -88,6 +88,9 @@ struct Facts {
     method: Method,
     host: HeaderValue,
     uri: Uri,
+    /// Who logs and limits count the request for: the peer, or the client a trusted proxy
+    /// named in `X-Forwarded-For` (then with port 0: the header carries none).
+    client: SocketAddr,
 }
 
 impl Proxy {
@@ -112,6 +115,7 @@ impl Proxy {
                 .cloned()
                 .unwrap_or(HeaderValue::from_static("")),
             uri: request.uri().clone(),
+            client: client_of(&request, conn, policy),
         };
         let host_text = facts.host.to_str().unwrap_or("");
         let path = facts.uri.path();
@@ -153,7 +157,7 @@ impl Proxy {
                         method = %facts.method,
                         host = host_text,
                         path,
-                        client = %conn.peer,
+                        client = %facts.client,
                         head_ms = started.elapsed().as_millis() as u64,
                         "request"
                     );
@@ -167,7 +171,7 @@ impl Proxy {
                     host: host_text,
                     path,
                     route: route_name,
-                    client: conn.peer,
+                    client: facts.client,
                 },
             ),
         };
@@ -286,7 +290,7 @@ impl Proxy {
             route: route.name.clone(),
             upstream: upstream.name.clone(),
             server: lease.endpoint().label.clone(),
-            client: conn.peer,
+            client: facts.client,
         };
         let signals = tunnel::Signals {
             drain: conn.drain.clone(),
@@ -380,6 +384,19 @@ fn frame_options(route: &config::WebSocket, switched: &http::HeaderMap) -> tunne
     }
 }
 
+/// See `Facts::client`.
+fn client_of(request: &Request<Incoming>, conn: &ConnInfo, policy: &ListenerPolicy) -> SocketAddr {
+    let trusted = &policy.trusted_proxies;
+    if trusted.is_empty() {
+        return conn.peer;
+    }
+    let ip = headers::client_address(conn.peer.ip(), request.headers(), |ip| trusted.contains(ip));
+    match ip == conn.peer.ip() {
+        true => conn.peer,
+        false => SocketAddr::new(ip, 0),
+    }
+}
+
 /// HTTP/2's `:protocol` pseudo-header (RFC 8441), present only on extended CONNECT.
 fn connect_protocol(request: &Request<Incoming>) -> Option<&str> {
     request
@@ -434,7 +451,8 @@ fn prepare_upstream_request(
         proto: if conn.tls.is_some() { "https" } else { "http" },
         host: (!facts.host.is_empty()).then_some(&facts.host),
     };
-    headers::to_upstream(request.headers_mut(), &forwarding, upgrade);
+    let trusted = policy.trusted_proxies.contains(conn.peer.ip());
+    headers::to_upstream_from(request.headers_mut(), &forwarding, upgrade, trusted);
     if let Some(name) = &policy.client_identity_header {
         let identity = conn
             .tls

@@ -195,3 +195,39 @@ async fn a_proxy_header_that_never_arrives_times_out() {
     assert_eq!(gw.listener.proxy_header_failures.load(Ordering::Relaxed), 1);
     assert_eq!(backend.connections(), 0);
 }
+
+const SPOOFED: &[u8] = b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: 203.0.113.9\r\n\
+X-Forwarded-Proto: https\r\nX-Forwarded-Host: spoofed.test\r\nForwarded: for=203.0.113.9\r\n\
+Connection: close\r\n\r\n";
+
+#[tokio::test]
+async fn forwarding_headers_are_replaced_from_an_untrusted_peer_and_kept_from_a_trusted_one() {
+    let (mut backend, gw) = proxied_gateway("trusted_proxies = [\"127.0.0.1/32\"]\n").await;
+
+    let mut spoofer = RawClient::connect_from(gw.addr, SECOND_CLIENT).await;
+    spoofer.send(SPOOFED).await;
+    assert_eq!(spoofer.read_response().await.status(), 200);
+    let seen = backend.next_request().await;
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.2"));
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("app.test"));
+    assert_eq!(
+        seen.header("forwarded"),
+        Some("for=127.0.0.2;host=app.test;proto=http")
+    );
+
+    let mut proxy = RawClient::connect(gw.addr).await;
+    proxy.send(SPOOFED).await;
+    assert_eq!(proxy.read_response().await.status(), 200);
+    let seen = backend.next_request().await;
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("spoofed.test"));
+    assert_eq!(
+        seen.header("forwarded"),
+        Some("for=203.0.113.9, for=127.0.0.1;host=app.test;proto=http")
+    );
+}
