@@ -16,6 +16,10 @@ pub struct Route {
     /// Lowercase Upgrade protocols besides `websocket` that may pass.
     pub upgrades: Vec<String>,
     pub websocket: config::WebSocket,
+    /// Which `Origin`s may open a tunnel (or send any request, with `origin_check = "all"`).
+    pub origins: Option<config::OriginPolicy>,
+    /// Which subprotocol offers reach the backend.
+    pub subprotocols: Option<config::SubprotocolPolicy>,
     /// Shared with the tunnels the route opened, which outlive their request.
     pub stats: Arc<RouteStats>,
 }
@@ -144,6 +148,8 @@ impl Router {
                 },
                 upgrades: route.upgrades.clone(),
                 websocket: route.websocket,
+                origins: route.origins.clone(),
+                subprotocols: route.subprotocols.clone(),
                 stats: previous
                     .and_then(|p| p.routes.iter().find(|r| *r.name == *route.name))
                     .map_or_else(Arc::default, |r| r.stats.clone()),

@@ -5,6 +5,7 @@ use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, SEC_WEBSOCKET_VERSION};
 use http::{Response, StatusCode};
 
 use super::body::ProxyBody;
+use super::policy::OriginRefused;
 use crate::telemetry::error_chain;
 use crate::upstream;
 use crate::websocket::HandshakeError;
@@ -28,6 +29,11 @@ pub enum ProxyError {
     BadHost,
     #[error("invalid WebSocket handshake")]
     Handshake(#[source] HandshakeError),
+    /// Cross-site WebSocket hijacking (RFC 6455 §10.2): refused before any backend is asked.
+    #[error("origin not allowed on this route")]
+    Origin(#[source] OriginRefused),
+    #[error("none of the offered subprotocols is allowed on this route")]
+    NoSubprotocol,
     #[error("upstream {upstream:?} failed")]
     Upstream {
         upstream: String,
@@ -58,6 +64,8 @@ impl ProxyError {
                 StatusCode::NOT_IMPLEMENTED
             }
             ProxyError::Handshake(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Origin(_) => StatusCode::FORBIDDEN,
+            ProxyError::NoSubprotocol => StatusCode::BAD_REQUEST,
             ProxyError::Upstream { source, .. } => match source {
                 upstream::Error::ConnectTimeout { .. }
                 | upstream::Error::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -199,5 +207,13 @@ mod tests {
             ProxyError::Handshake(HandshakeError::MissingKey).status(),
             StatusCode::BAD_REQUEST
         );
+        let origin = ProxyError::Origin(OriginRefused::NotAllowed);
+        assert_eq!(origin.status(), StatusCode::FORBIDDEN);
+        assert_eq!(origin.side(), Side::Downstream);
+        assert_eq!(
+            origin.page(),
+            "403 Forbidden: origin not allowed on this route\n"
+        );
+        assert_eq!(ProxyError::NoSubprotocol.status(), StatusCode::BAD_REQUEST);
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use http::header::{
     HeaderValue, CONTENT_TYPE, HOST, LOCATION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
-    STRICT_TRANSPORT_SECURITY, UPGRADE,
+    SEC_WEBSOCKET_PROTOCOL, STRICT_TRANSPORT_SECURITY, UPGRADE,
 };
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -212,6 +212,15 @@ impl Proxy {
             Classification::Upgrade(protocol) => Some(protocol),
             Classification::Plain => None,
         };
+        if let Some(origins) = &route.origins {
+            if protocol.is_some() || origins.check == config::OriginCheck::All {
+                policy::check_origin(request.headers(), &origins.allowed, origins.allow_missing)
+                    .map_err(ProxyError::Origin)?;
+            }
+        }
+        if let (Some(_), Some(subprotocols)) = (protocol, &route.subprotocols) {
+            filter_subprotocols(request.headers_mut(), subprotocols)?;
+        }
         // An HTTP/2 stream becomes an HTTP/1.1 handshake upstream, with a key of our own.
         let bridged_key = (protocol == Some(Protocol::WebSocketOverH2)).then(|| {
             let key = websocket::new_key();
@@ -367,6 +376,28 @@ impl Drop for TunnelHold {
     fn drop(&mut self) {
         self.stats.tunnel_closed();
     }
+}
+
+/// Leaves only the route's allowed offers in a handshake's `Sec-WebSocket-Protocol`.
+fn filter_subprotocols(
+    headers: &mut http::HeaderMap,
+    subprotocols: &config::SubprotocolPolicy,
+) -> Result<(), ProxyError> {
+    let kept = match policy::filter_subprotocols(headers, &subprotocols.allowed) {
+        policy::Subprotocols::NotOffered => return Ok(()),
+        policy::Subprotocols::Kept(kept) => Some(policy::subprotocol_header(&kept)),
+        policy::Subprotocols::NoneLeft => None,
+    };
+    match (kept, subprotocols.unmatched) {
+        (Some(kept), _) => {
+            headers.insert(SEC_WEBSOCKET_PROTOCOL, kept);
+        }
+        (None, config::SubprotocolUnmatched::Refuse) => return Err(ProxyError::NoSubprotocol),
+        (None, config::SubprotocolUnmatched::Forward) => {
+            headers.remove(SEC_WEBSOCKET_PROTOCOL);
+        }
+    }
+    Ok(())
 }
 
 /// How a WebSocket tunnel on `route` follows its frames, given the backend's 101.

@@ -8,6 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::tls::{Issued, Pki};
+use crate::support::ws;
 use crate::support::*;
 
 const SECOND_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
@@ -230,4 +231,101 @@ async fn forwarding_headers_are_replaced_from_an_untrusted_peer_and_kept_from_a_
         seen.header("forwarded"),
         Some("for=203.0.113.9, for=127.0.0.1;host=app.test;proto=http")
     );
+}
+
+/// Routes `/ws` (origins checked on handshakes), `/strict` (on every request), `/sub`
+/// (subprotocols refused when none is left) and `/subfwd` (forwarded without them).
+fn policy_config(backend: SocketAddr) -> String {
+    let origins = "allowed_origins = [\"https://app.example.com\", \"https://*.example.net\"]";
+    format!(
+        "[[route]]\nname = \"ws\"\npath = \"/ws\"\nupstream = \"app\"\n{origins}\n\
+         allow_missing_origin = false\n\n\
+         [[route]]\nname = \"strict\"\npath = \"/strict\"\nupstream = \"app\"\n{origins}\n\
+         origin_check = \"all\"\n\n\
+         [[route]]\nname = \"sub\"\npath = \"/sub\"\nupstream = \"app\"\n\
+         subprotocols = [\"chat.v2\", \"chat.v3\"]\n\n\
+         [[route]]\nname = \"subfwd\"\npath = \"/subfwd\"\nupstream = \"app\"\n\
+         subprotocols = [\"chat.v2\"]\nsubprotocol_unmatched = \"forward\"\n\n{}",
+        upstream_config("app", "least_connections", &[backend])
+    )
+}
+
+/// Sends a handshake for `path` with `extra` lines; the backend (plain HTTP) answers 200,
+/// which the gateway relays: enough to see what reached it.
+async fn handshake_status(gw: &TestGateway, path: &str, extra: &[&str]) -> u16 {
+    let mut client = RawClient::connect(gw.addr).await;
+    client.send(ws::handshake("app.test", path, extra)).await;
+    client.read_response().await.status()
+}
+
+#[tokio::test]
+async fn a_handshake_from_another_origin_gets_403_and_never_reaches_the_backend() {
+    let mut backend = HttpBackend::start("a").await;
+    let gw = TestGateway::start(&policy_config(backend.addr)).await;
+    let refused: &[&[&str]] = &[
+        &["Origin: https://evil.example.com"],
+        // The wildcard covers subdomains, not the bare domain.
+        &["Origin: https://example.net"],
+        &["Origin: http://app.example.com"],
+        // allow_missing_origin = false.
+        &[],
+    ];
+    for extra in refused {
+        assert_eq!(handshake_status(&gw, "/ws", extra).await, 403, "{extra:?}");
+    }
+    assert_eq!(
+        backend.connections(),
+        0,
+        "the backend saw a refused handshake"
+    );
+
+    // Plain HTTP is not checked on a handshake-only route, and is on an "all" one.
+    let mut client = RawClient::connect(gw.addr).await;
+    client
+        .send("GET /ws HTTP/1.1\r\nHost: app.test\r\nOrigin: https://evil.example.com\r\n\r\n")
+        .await;
+    assert_eq!(client.read_response().await.status(), 200);
+    backend.next_request().await;
+    client
+        .send("GET /strict HTTP/1.1\r\nHost: app.test\r\nOrigin: https://evil.example.com\r\n\r\n")
+        .await;
+    assert_eq!(client.read_response().await.status(), 403);
+
+    for origin in ["https://app.example.com", "https://a.b.example.net"] {
+        let line = format!("Origin: {origin}");
+        assert_eq!(handshake_status(&gw, "/ws", &[&line]).await, 200);
+        let seen = backend.next_request().await;
+        assert_eq!(seen.header("origin"), Some(origin));
+    }
+}
+
+#[tokio::test]
+async fn subprotocol_offers_outside_the_allowlist_are_removed_or_refused() {
+    let mut backend = HttpBackend::start("a").await;
+    let gw = TestGateway::start(&policy_config(backend.addr)).await;
+    let offers = "Sec-WebSocket-Protocol: x.evil, chat.v3";
+    let more = "Sec-WebSocket-Protocol: chat.v2";
+    assert_eq!(handshake_status(&gw, "/sub", &[offers, more]).await, 200);
+    let seen = backend.next_request().await;
+    assert_eq!(
+        seen.header("sec-websocket-protocol"),
+        Some("chat.v3, chat.v2")
+    );
+
+    // Nothing offered: untouched.
+    assert_eq!(handshake_status(&gw, "/sub", &[]).await, 200);
+    let seen = backend.next_request().await;
+    assert_eq!(seen.header("sec-websocket-protocol"), None);
+
+    // Offers, none allowed: refused, or forwarded without the header.
+    let none = "Sec-WebSocket-Protocol: x.evil";
+    assert_eq!(handshake_status(&gw, "/sub", &[none]).await, 400);
+    assert_eq!(
+        backend.connections(),
+        1,
+        "only the accepted handshakes' connection"
+    );
+    assert_eq!(handshake_status(&gw, "/subfwd", &[none]).await, 200);
+    let seen = backend.next_request().await;
+    assert_eq!(seen.header("sec-websocket-protocol"), None);
 }
