@@ -20,6 +20,8 @@ pub struct Route {
     pub origins: Option<config::OriginPolicy>,
     /// Which subprotocol offers reach the backend.
     pub subprotocols: Option<config::SubprotocolPolicy>,
+    /// Open tunnels one client address may have here; none: `[limits.per_client]`'s default.
+    pub max_tunnels_per_client: Option<u32>,
     /// Shared with the tunnels the route opened, which outlive their request.
     pub stats: Arc<RouteStats>,
 }
@@ -150,6 +152,7 @@ impl Router {
                 websocket: route.websocket,
                 origins: route.origins.clone(),
                 subprotocols: route.subprotocols.clone(),
+                max_tunnels_per_client: route.max_tunnels_per_client,
                 stats: previous
                     .and_then(|p| p.routes.iter().find(|r| *r.name == *route.name))
                     .map_or_else(Arc::default, |r| r.stats.clone()),

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::{self, Config};
 pub use crate::listener::ListenerStats;
 use crate::listener::{Listener, ListenerCtx, Protocols};
+use crate::proxy::policy::ClientLimiter;
 use crate::proxy::Proxy;
 use crate::shutdown::{self, Signal, Tracker, Trigger};
 use crate::snapshot::{Current, Snapshot};
@@ -316,7 +317,14 @@ impl Server {
                 certificates: certificates.clone(),
             },
             source,
-            proxy: Arc::new(Proxy::new(current.clone(), tunnels.clone(), close_signal)),
+            // Created once: a reload keeps every client's tokens and tunnel counts (and
+            // the capacity it started with).
+            proxy: Arc::new(Proxy::new(
+                current.clone(),
+                ClientLimiter::new(config.limits.per_client.tracked_clients),
+                tunnels.clone(),
+                close_signal,
+            )),
             current,
             certificates,
             tunnels,

@@ -21,6 +21,8 @@ pub struct Snapshot {
     pub router: Router,
     pub upstreams: Vec<UpstreamGroup>,
     pub timeouts: Timeouts,
+    /// The limits the (longer-lived) client limiter applies.
+    pub per_client: config::PerClient,
     pub access_log: bool,
     /// By listener name.
     policies: Vec<(String, Arc<ListenerPolicy>)>,
@@ -45,6 +47,7 @@ impl Snapshot {
             router: Router::new(&config.routes, previous.map(|p| &p.router)),
             upstreams,
             timeouts: config.timeouts,
+            per_client: config.limits.per_client,
             access_log: config.log.access,
             policies: config
                 .listeners

@@ -434,6 +434,7 @@ mod tests {
         let (_close, close_signal) = shutdown::channel();
         let proxy = Arc::new(Proxy::new(
             Arc::new(ArcSwap::from_pointee(snapshot)),
+            crate::proxy::policy::ClientLimiter::new(1024),
             Tracker::default(),
             close_signal,
         ));

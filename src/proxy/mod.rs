@@ -54,6 +54,8 @@ pub struct TlsInfo {
 #[derive(Debug)]
 pub struct Proxy {
     current: Current,
+    /// Per-client-address state; outlives snapshots, so a reload resets no count.
+    limiter: Arc<policy::ClientLimiter>,
     /// Upgraded connections leave hyper's sight; they are counted here for the drain.
     tunnels: Tracker,
     /// Fired when the drain period is over: every tunnel closes at once.
@@ -94,9 +96,15 @@ struct Facts {
 }
 
 impl Proxy {
-    pub fn new(current: Current, tunnels: Tracker, close_tunnels: Signal) -> Proxy {
+    pub fn new(
+        current: Current,
+        limiter: Arc<policy::ClientLimiter>,
+        tunnels: Tracker,
+        close_tunnels: Signal,
+    ) -> Proxy {
         Proxy {
             current,
+            limiter,
             tunnels,
             close_tunnels,
         }
@@ -221,6 +229,11 @@ impl Proxy {
         if let (Some(_), Some(subprotocols)) = (protocol, &route.subprotocols) {
             filter_subprotocols(request.headers_mut(), subprotocols)?;
         }
+        // Taken before the backend is contacted; dropped with the request if no tunnel opens.
+        let client_guard = match protocol {
+            Some(_) => self.admit_tunnel(snapshot, route, facts.client.ip())?,
+            None => None,
+        };
         // An HTTP/2 stream becomes an HTTP/1.1 handshake upstream, with a key of our own.
         let bridged_key = (protocol == Some(Protocol::WebSocketOverH2)).then(|| {
             let key = websocket::new_key();
@@ -311,7 +324,12 @@ impl Proxy {
             options,
             signals,
         };
-        self.spawn_tunnel((upgrade.client, upstream_upgrade), lease, route, tunnel);
+        self.spawn_tunnel(
+            (upgrade.client, upstream_upgrade),
+            (lease, client_guard),
+            route,
+            tunnel,
+        );
         let (mut parts, _) = response.into_parts();
         if bridged_key.is_some() {
             route.stats.tunnels_over_h2.fetch_add(1, Ordering::Relaxed);
@@ -326,14 +344,47 @@ impl Proxy {
         Ok((Response::from_parts(parts, ProxyBody::empty()), server))
     }
 
+    /// A handshake of `client` spends a token and, when tunnels are limited, counts a tunnel.
+    fn admit_tunnel(
+        &self,
+        snapshot: &Snapshot,
+        route: &Route,
+        client: std::net::IpAddr,
+    ) -> Result<Option<policy::TunnelGuard>, ProxyError> {
+        let limits = &snapshot.per_client;
+        let now = Instant::now().into_std();
+        if let Some(rate) = limits.handshakes {
+            if let policy::Admission::Limited { retry_after } =
+                self.limiter.admit(client, rate, now)
+            {
+                return Err(ProxyError::HandshakeRate { retry_after });
+            }
+        }
+        let tunnels = policy::TunnelLimits {
+            per_client: limits.max_tunnels,
+            per_client_on_route: route
+                .max_tunnels_per_client
+                .or(limits.max_tunnels_per_route),
+        };
+        if tunnels == policy::TunnelLimits::default() {
+            return Ok(None);
+        }
+        self.limiter
+            .open_tunnel(client, &route.name, tunnels, now)
+            .map(Some)
+            .map_err(ProxyError::Tunnels)
+    }
+
     /// `upgrades`: the client's and the upstream's, each resolving once its side switched.
+    /// `holds`: the server lease and the client's tunnel count, both given back at its end.
     fn spawn_tunnel(
         &self,
         upgrades: (hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade),
-        lease: Lease,
+        holds: (Lease, Option<policy::TunnelGuard>),
         route: &Route,
         tunnel: Tunnel,
     ) {
+        let (lease, client_guard) = holds;
         let (client, upstream) = upgrades;
         let Tunnel {
             labels,
@@ -344,6 +395,7 @@ impl Proxy {
         let hold = TunnelHold {
             _lease: lease.into_tunnel(),
             _guard: self.tunnels.guard(),
+            _client: client_guard.map(Box::new),
             stats: route.stats.clone(),
         };
         // This small task only waits for both sides to switch; the tunnel is a task of its
@@ -365,10 +417,13 @@ impl Proxy {
 }
 
 /// What lives exactly as long as a tunnel: its lease on the server (counted by
-/// least-connections), its place in the drain, and the route's count of open tunnels.
+/// least-connections), its place in the drain, its client's and its route's counts.
 pub(crate) struct TunnelHold {
     _lease: TunnelLease,
     _guard: crate::shutdown::Guard,
+    /// The client's open-tunnel count (`[limits.per_client]`), when limited. Boxed: the tunnel
+    /// task's size budget has no room for its 40 bytes.
+    _client: Option<Box<policy::TunnelGuard>>,
     stats: Arc<crate::router::RouteStats>,
 }
 

@@ -8,8 +8,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::tls::{Issued, Pki};
-use crate::support::ws;
 use crate::support::*;
+use crate::support::{raw, ws};
 
 const SECOND_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
@@ -328,4 +328,83 @@ async fn subprotocol_offers_outside_the_allowlist_are_removed_or_refused() {
     assert_eq!(handshake_status(&gw, "/subfwd", &[none]).await, 200);
     let seen = backend.next_request().await;
     assert_eq!(seen.header("sec-websocket-protocol"), None);
+}
+
+/// Routes `one` (at most one tunnel per client) and `two`, to a WebSocket echo backend.
+fn limits_config(limits: &str, backend: SocketAddr) -> String {
+    format!(
+        "[limits.per_client]\n{limits}\n\n\
+         [[route]]\nname = \"one\"\npath = \"/one\"\nupstream = \"app\"\nmax_tunnels_per_client = 1\n\n\
+         [[route]]\nname = \"two\"\npath = \"/two\"\nupstream = \"app\"\n\n{}",
+        upstream_config("app", "least_connections", &[backend])
+    )
+}
+
+/// A handshake for `path` from `from`; the connection is returned open (a tunnel, on 101).
+async fn open_handshake(gw: &TestGateway, from: IpAddr, path: &str) -> (raw::Head, RawClient) {
+    let mut client = RawClient::connect_from(gw.addr, from).await;
+    client.send(ws::handshake("app.test", path, &[])).await;
+    (client.read_head().await, client)
+}
+
+const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+#[tokio::test]
+async fn handshakes_over_the_rate_get_429_with_retry_after_while_another_client_is_served() {
+    let backend = WsBackend::start("ws").await;
+    // One token per 10 s, two in the bucket: the third handshake at once is over the rate.
+    let config = limits_config(
+        "handshakes_per_second = 0.1\nhandshake_burst = 2",
+        backend.addr,
+    );
+    let gw = TestGateway::start(&config).await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let (head, client) = open_handshake(&gw, LOCAL, "/two").await;
+        assert_eq!(head.status, 101);
+        open.push(client);
+    }
+    let (head, _) = open_handshake(&gw, LOCAL, "/two").await;
+    assert_eq!(head.status, 429);
+    let retry: u64 = head
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
+    assert!((1..=10).contains(&retry), "Retry-After: {retry}");
+    // Plain HTTP does not spend handshake tokens.
+    let mut client = RawClient::connect(gw.addr).await;
+    client.send(GET).await;
+    assert_ne!(client.read_response().await.status(), 429);
+
+    let (head, _other) = open_handshake(&gw, SECOND_CLIENT, "/two").await;
+    assert_eq!(
+        head.status, 101,
+        "another client address has its own bucket"
+    );
+}
+
+#[tokio::test]
+async fn open_tunnels_per_client_are_limited_per_route_and_in_total() {
+    let backend = WsBackend::start("ws").await;
+    let gw = TestGateway::start(&limits_config("max_tunnels = 2", backend.addr)).await;
+    let (head, _first) = open_handshake(&gw, LOCAL, "/one").await;
+    assert_eq!(head.status, 101);
+    let (head, _) = open_handshake(&gw, LOCAL, "/one").await;
+    assert_eq!(head.status, 429, "max_tunnels_per_client on route one");
+    let (head, _second) = open_handshake(&gw, LOCAL, "/two").await;
+    assert_eq!(head.status, 101);
+    let (head, _) = open_handshake(&gw, LOCAL, "/two").await;
+    assert_eq!(head.status, 429, "max_tunnels in total");
+    let (head, _other) = open_handshake(&gw, SECOND_CLIENT, "/one").await;
+    assert_eq!(head.status, 101, "another client address is still served");
+
+    // A closed tunnel gives its place back.
+    drop(_first);
+    eventually("route one's tunnel closed", || {
+        gw.route_stats("one").tunnels_open.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let (head, _again) = open_handshake(&gw, LOCAL, "/one").await;
+    assert_eq!(head.status, 101);
 }
