@@ -22,6 +22,8 @@ pub struct Route {
     pub subprotocols: Option<config::SubprotocolPolicy>,
     /// Open tunnels one client address may have here; none: `[limits.per_client]`'s default.
     pub max_tunnels_per_client: Option<u32>,
+    /// The global `[timeouts]` with this route's overrides.
+    pub timeouts: config::RouteTimeouts,
     /// Shared with the tunnels the route opened, which outlive their request.
     pub stats: Arc<RouteStats>,
 }
@@ -153,6 +155,7 @@ impl Router {
                 origins: route.origins.clone(),
                 subprotocols: route.subprotocols.clone(),
                 max_tunnels_per_client: route.max_tunnels_per_client,
+                timeouts: route.timeouts,
                 stats: previous
                     .and_then(|p| p.routes.iter().find(|r| *r.name == *route.name))
                     .map_or_else(Arc::default, |r| r.stats.clone()),

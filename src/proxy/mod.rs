@@ -259,10 +259,13 @@ impl Proxy {
             upstream: upstream.name.to_string(),
             source,
         };
-        let mut lease = upstream
-            .connect(&snapshot.timeouts)
-            .await
-            .map_err(upstream_failed)?;
+        // A slow route's longer response timeout applies to it alone.
+        let timeouts = config::Timeouts {
+            connect: route.timeouts.connect,
+            upstream_response_header: route.timeouts.upstream_response_header,
+            ..snapshot.timeouts
+        };
+        let mut lease = upstream.connect(&timeouts).await.map_err(upstream_failed)?;
         let mut response = match bridged_key {
             // The CONNECT stream's body is the tunnel itself, not a request body.
             Some(_) => lease.send_bodyless(request.map(drop)).await,
@@ -302,8 +305,8 @@ impl Proxy {
         };
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         let options = tunnel::Options {
-            idle: snapshot.timeouts.websocket_idle,
-            half_closed: snapshot.timeouts.websocket_half_closed,
+            idle: route.timeouts.websocket_idle,
+            half_closed: route.timeouts.websocket_half_closed,
             // Other upgrades are not WebSocket: their bytes stay opaque.
             frames: (upgrade.protocol != Protocol::Other)
                 .then(|| frame_options(&route.websocket, response.headers())),

@@ -408,3 +408,33 @@ async fn open_tunnels_per_client_are_limited_per_route_and_in_total() {
     let (head, _again) = open_handshake(&gw, LOCAL, "/one").await;
     assert_eq!(head.status, 101);
 }
+
+#[tokio::test]
+async fn a_route_s_response_timeout_overrides_the_global_one() {
+    let mut backend = HttpBackend::start("a").await;
+    let config = format!(
+        "[timeouts]\nupstream_response_header = \"300ms\"\n\n\
+         [[route]]\nname = \"export\"\npath = \"/export\"\nupstream = \"app\"\n\
+         timeouts = {{ upstream_response_header = \"30s\" }}\n\n{}",
+        proxy_config(&[backend.addr])
+    );
+    let gw = TestGateway::start(&config).await;
+    let held = |path: &str| {
+        request("GET", "app.test", path)
+            .header("x-reply-hold", "1")
+            .body(empty())
+            .unwrap()
+    };
+    let mut export = Client::connect(gw.addr).await;
+    let slow_export = tokio::spawn(async move { export.fetch(held("/export")).await.status });
+    backend.next_request().await;
+    // The same slow backend on another route: the global 300ms applies there...
+    let mut api = Client::connect(gw.addr).await;
+    assert_eq!(api.fetch(held("/api")).await.status, 504);
+    backend.next_request().await;
+    // ...while the export, held all that time, still gets its answer.
+    backend.release();
+    backend.release();
+    let status = within(WAIT, slow_export).await.expect("export task");
+    assert_eq!(status, 200);
+}
