@@ -23,6 +23,7 @@ use crate::snapshot::{Current, Snapshot};
 use crate::sockets;
 use crate::telemetry;
 use crate::tls::{self, Terminator};
+use tokio::sync::Semaphore;
 
 /// After the drain period, how long closed tunnels get to log their last line.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -247,6 +248,9 @@ fn listener_ctx(
             .get(&listener.name)
             .map(|terminator| terminator.acceptor.clone()),
         proxy_protocol: listener.proxy_protocol.clone(),
+        connections: listener
+            .max_connections
+            .map(|n| Arc::new(Semaphore::new(n as usize))),
     }
 }
 
@@ -473,8 +477,18 @@ impl Server {
         let mut summary = diff(&self.config, &config, &previous, &snapshot);
         for listener in config.listeners.iter().filter(|l| stays(l)) {
             if let Some(r) = running.get(&listener.name) {
-                r.ctx
-                    .store(Arc::new(listener_ctx(&config, listener, &terminators)));
+                let mut ctx = listener_ctx(&config, listener, &terminators);
+                // The same limit keeps its semaphore, so open connections still count.
+                let before = r.ctx.load();
+                if let (Some(old), Some(_)) = (&before.connections, &ctx.connections) {
+                    let same = self.config.listeners.iter().any(|l| {
+                        l.name == listener.name && l.max_connections == listener.max_connections
+                    });
+                    if same {
+                        ctx.connections = Some(old.clone());
+                    }
+                }
+                r.ctx.store(Arc::new(ctx));
             }
         }
         let removed: Vec<String> = running

@@ -24,6 +24,7 @@ use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::client_io::Readiness;
@@ -65,6 +66,8 @@ pub struct ListenerCtx {
     pub tls: Option<TlsAcceptor>,
     /// Every connection opens with a PROXY header, read before TLS.
     pub proxy_protocol: Option<config::ProxyProtocol>,
+    /// `max_connections`: a permit is taken before `accept` and held for the connection's life.
+    pub connections: Option<Arc<Semaphore>>,
 }
 
 /// The hyper builders of one listener, configured once.
@@ -107,6 +110,15 @@ impl Listener {
     pub async fn serve(self, proxy: Arc<Proxy>, mut drain: Signal, connections: Tracker) {
         let mut backoff = Duration::from_millis(10);
         loop {
+            // At the limit, nothing is accepted: new connections wait in the kernel's backlog
+            // (and beyond it, the client's SYN retries), costing wsgate no descriptor.
+            let permit = match self.ctx.load().connections.clone() {
+                Some(limit) => tokio::select! {
+                    () = drain.fired() => break,
+                    permit = limit.acquire_owned() => permit.ok(),
+                },
+                None => None,
+            };
             let accepted = tokio::select! {
                 () = drain.fired() => break,
                 accepted = self.socket.accept() => accepted,
@@ -129,7 +141,7 @@ impl Listener {
                     let guard = connections.guard();
                     tokio::spawn(async move {
                         task.await;
-                        drop(guard);
+                        drop((guard, permit));
                     });
                 }
                 Err(err) if is_connection_error(&err) => {
@@ -457,6 +469,7 @@ mod tests {
             protocols: Arc::new(Protocols::new(&config.timeouts, &config.limits, true)),
             tls: None,
             proxy_protocol: None,
+            connections: None,
         });
         let task =
             std::mem::size_of_val(&serve_connection(stream, connection(), ctx, drain.clone()));

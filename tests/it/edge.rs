@@ -438,3 +438,37 @@ async fn a_route_s_response_timeout_overrides_the_global_one() {
     let status = within(WAIT, slow_export).await.expect("export task");
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn max_connections_holds_under_silent_tls_clients_and_serves_once_they_time_out() {
+    let pki = Pki::new();
+    let issued = pki.issue("edge", &["app.test"]);
+    let backend = HttpBackend::start("a").await;
+    let keys = format!("max_connections = 2\n{}", tls_keys(&issued));
+    let config = format!(
+        "[timeouts]\ntls_handshake = \"300ms\"\n\n{}",
+        listener(&keys, &proxy_config(&[backend.addr]))
+    );
+    let gw = TestGateway::start(&config).await;
+    // Five clients that never say hello: two are served (and time out), three wait unaccepted.
+    let mut silent = Vec::new();
+    for _ in 0..5 {
+        silent.push(within(WAIT, TcpStream::connect(gw.addr)).await.unwrap());
+    }
+    let stream = within(WAIT, TcpStream::connect(gw.addr)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("app.test").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(pki.client_config(&[b"http/1.1"]));
+    let mut tls = within(WAIT, connector.connect(name, stream))
+        .await
+        .expect("served once the silent clients time out");
+    // Accepted only after two rounds of two silent clients timed out.
+    assert!(gw.listener.tls_failures.load(Ordering::Relaxed) >= 4);
+    within(WAIT, tls.write_all(GET)).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = within(WAIT, tls.read_to_end(&mut answer)).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+}
