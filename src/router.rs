@@ -22,6 +22,8 @@ pub struct Route {
     pub subprotocols: Option<config::SubprotocolPolicy>,
     /// Open tunnels one client address may have here; none: `[limits.per_client]`'s default.
     pub max_tunnels_per_client: Option<u32>,
+    /// Larger request bodies get 413.
+    pub max_request_body: Option<u64>,
     /// The global `[timeouts]` with this route's overrides.
     pub timeouts: config::RouteTimeouts,
     /// Shared with the tunnels the route opened, which outlive their request.
@@ -155,6 +157,7 @@ impl Router {
                 origins: route.origins.clone(),
                 subprotocols: route.subprotocols.clone(),
                 max_tunnels_per_client: route.max_tunnels_per_client,
+                max_request_body: route.max_request_body,
                 timeouts: route.timeouts,
                 stats: previous
                     .and_then(|p| p.routes.iter().find(|r| *r.name == *route.name))

@@ -36,6 +36,8 @@ pub enum ProxyError {
     NoSubprotocol,
     #[error("too many WebSocket handshakes from this client; retry in {}s", retry_after.as_secs())]
     HandshakeRate { retry_after: std::time::Duration },
+    #[error("request body is over the route's limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
     #[error("too many open WebSockets from this client")]
     Tunnels(#[source] TunnelRefused),
     #[error("upstream {upstream:?} failed")]
@@ -70,10 +72,12 @@ impl ProxyError {
             ProxyError::Handshake(_) => StatusCode::BAD_REQUEST,
             ProxyError::Origin(_) => StatusCode::FORBIDDEN,
             ProxyError::NoSubprotocol => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::HandshakeRate { .. } | ProxyError::Tunnels(_) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
             ProxyError::Upstream { source, .. } => match source {
+                err if err.is_body_too_large() => StatusCode::PAYLOAD_TOO_LARGE,
                 upstream::Error::ConnectTimeout { .. }
                 | upstream::Error::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
                 err if err.is_client_body() => StatusCode::BAD_REQUEST,
@@ -101,6 +105,9 @@ impl ProxyError {
             }
             ProxyError::Upstream { upstream, source } if !source.is_client_body() => {
                 format!("upstream \"{upstream}\" is unavailable")
+            }
+            ProxyError::Upstream { source, .. } if source.is_body_too_large() => {
+                "request body is over the route's limit".to_owned()
             }
             ProxyError::Handshake(err) => err.to_string(),
             other => other.to_string(),

@@ -229,6 +229,12 @@ impl Proxy {
         if let (Some(_), Some(subprotocols)) = (protocol, &route.subprotocols) {
             filter_subprotocols(request.headers_mut(), subprotocols)?;
         }
+        // A declared length is judged at once; a chunked body where it crosses the limit.
+        if let Some(limit) = route.max_request_body {
+            if hyper::body::Body::size_hint(request.body()).lower() > limit {
+                return Err(ProxyError::BodyTooLarge { limit });
+            }
+        }
         // Taken before the backend is contacted; dropped with the request if no tunnel opens.
         let client_guard = match protocol {
             Some(_) => self.admit_tunnel(snapshot, route, facts.client.ip())?,
@@ -269,7 +275,7 @@ impl Proxy {
         let mut response = match bridged_key {
             // The CONNECT stream's body is the tunnel itself, not a request body.
             Some(_) => lease.send_bodyless(request.map(drop)).await,
-            None => lease.send(request).await,
+            None => lease.send(request, route.max_request_body).await,
         }
         .map_err(upstream_failed)?;
         let server = Some(lease.endpoint().clone());

@@ -472,3 +472,46 @@ async fn max_connections_holds_under_silent_tls_clients_and_serves_once_they_tim
         String::from_utf8_lossy(&answer)
     );
 }
+
+#[tokio::test]
+async fn a_body_over_the_route_s_max_request_body_gets_413() {
+    let mut backend = HttpBackend::start("a").await;
+    let config = format!(
+        "[[route]]\nname = \"upload\"\npath = \"/upload\"\nupstream = \"app\"\n\
+         max_request_body = 1024\n\n{}",
+        proxy_config(&[backend.addr])
+    );
+    let gw = TestGateway::start(&config).await;
+    // A declared length is refused before any backend is contacted.
+    let reply = raw::exchange(
+        gw.addr,
+        "POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 2048\r\n\r\n",
+    )
+    .await;
+    assert_eq!(reply.status(), 413);
+    assert_eq!(backend.connections(), 0);
+
+    // Within the limit, and on another route, bodies pass.
+    let mut client = Client::connect(gw.addr).await;
+    let ok = request("POST", "app.test", "/upload")
+        .body(full(vec![b'a'; 1024]))
+        .unwrap();
+    assert_eq!(client.fetch(ok).await.status, 200);
+    backend.next_request().await;
+    let other = request("POST", "app.test", "/other")
+        .body(full(vec![b'a'; 4096]))
+        .unwrap();
+    assert_eq!(client.fetch(other).await.status, 200);
+    backend.next_request().await;
+
+    // A chunked body is cut where it crosses the limit.
+    let mut chunked =
+        b"POST /upload HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+                        400\r\n"
+            .to_vec();
+    chunked.extend_from_slice(&[b'a'; 1024]);
+    chunked.extend_from_slice(b"\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n");
+    let reply = raw::exchange(gw.addr, chunked).await;
+    assert_eq!(reply.status(), 413);
+    assert!(reply.text().starts_with("413 "), "{}", reply.text());
+}
