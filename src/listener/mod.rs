@@ -109,6 +109,7 @@ impl Listener {
     /// registers with `connections`.
     pub async fn serve(self, proxy: Arc<Proxy>, mut drain: Signal, connections: Tracker) {
         let mut backoff = Duration::from_millis(10);
+        let mut trouble = AcceptTrouble::default();
         loop {
             // At the limit, nothing is accepted: new connections wait in the kernel's backlog
             // (and beyond it, the client's SYN retries), costing wsgate no descriptor.
@@ -126,6 +127,9 @@ impl Listener {
             match accepted {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(10);
+                    if let Some(failures) = trouble.recovered() {
+                        tracing::warn!(listener = %self.name, failures, "accepting again");
+                    }
                     let connection = Connection {
                         proxy: proxy.clone(),
                         info: ConnInfo {
@@ -148,12 +152,13 @@ impl Listener {
                     tracing::debug!(listener = %self.name, error = %err, "accept: connection failed");
                 }
                 Err(err) => {
-                    tracing::error!(
-                        listener = %self.name,
-                        error = %err,
-                        retry_ms = backoff.as_millis() as u64,
-                        "accept failed; retrying"
-                    );
+                    if trouble.failed() {
+                        tracing::error!(
+                            listener = %self.name,
+                            error = %err,
+                            "accept failed; backing off and retrying (logged again once it works)"
+                        );
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
                 }
@@ -163,6 +168,26 @@ impl Listener {
         // (SO_REUSEPORT) address go to the other sockets of the group.
         drop(self.socket);
         tracing::debug!(listener = %self.name, "stopped accepting");
+    }
+}
+
+/// Accept failures that are not one connection's fault (EMFILE, ENOBUFS) come in episodes
+/// that can last thousands of attempts: one line at the start, one at the end.
+#[derive(Debug, Default)]
+struct AcceptTrouble {
+    failures: u64,
+}
+
+impl AcceptTrouble {
+    /// Counts a failure; true for an episode's first, the one to log.
+    fn failed(&mut self) -> bool {
+        self.failures += 1;
+        self.failures == 1
+    }
+
+    /// After a successful accept: the failures of the episode it ends, if one was going on.
+    fn recovered(&mut self) -> Option<u64> {
+        (self.failures > 0).then(|| std::mem::take(&mut self.failures))
     }
 }
 
@@ -429,6 +454,19 @@ mod tests {
     use super::*;
     use crate::shutdown;
     use crate::snapshot::Snapshot;
+
+    #[test]
+    fn accept_trouble_is_logged_once_per_episode() {
+        let mut trouble = AcceptTrouble::default();
+        assert_eq!(trouble.recovered(), None, "no episode, nothing to say");
+        assert!(trouble.failed(), "the first failure is logged");
+        assert!(!trouble.failed());
+        assert!(!trouble.failed());
+        assert_eq!(trouble.recovered(), Some(3));
+        assert_eq!(trouble.recovered(), None, "said once");
+        assert!(trouble.failed(), "a new episode is logged again");
+        assert_eq!(trouble.recovered(), Some(1));
+    }
 
     /// A parked connection is its socket, this task and the boxed HTTP/1 future; hyper's state
     /// (boxed apart, dropped while parked) and the TLS handshake's are not in either. tokio
