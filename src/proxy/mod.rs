@@ -296,8 +296,16 @@ impl Proxy {
                 .map(HeaderValue::as_bytes)
                 == Some(accept.as_bytes())
         });
+        // Only an allowed subprotocol may be chosen: the filter would mean little otherwise.
+        let chosen_allowed = route.subprotocols.as_ref().is_none_or(|subprotocols| {
+            response
+                .headers()
+                .get(SEC_WEBSOCKET_PROTOCOL)
+                .is_none_or(|chosen| subprotocols.allowed.iter().any(|a| a == chosen))
+        });
         let switched = upgrade.filter(|upgrade| {
             accepted
+                && chosen_allowed
                 && websocket::switched_to(
                     response.headers(),
                     upgrade.protocol,

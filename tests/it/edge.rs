@@ -515,3 +515,11 @@ async fn a_body_over_the_route_s_max_request_body_gets_413() {
     assert_eq!(reply.status(), 413);
     assert!(reply.text().starts_with("413 "), "{}", reply.text());
 }
+
+#[tokio::test]
+async fn a_backend_choosing_a_subprotocol_outside_the_allowlist_gets_502() {
+    let (addr, _upgraded) = raw::upgraded_backend("Sec-WebSocket-Protocol: x.evil").await;
+    let gw = TestGateway::start(&policy_config(addr)).await;
+    let offer = "Sec-WebSocket-Protocol: chat.v2";
+    assert_eq!(handshake_status(&gw, "/sub", &[offer]).await, 502);
+}
