@@ -523,3 +523,38 @@ async fn a_backend_choosing_a_subprotocol_outside_the_allowlist_gets_502() {
     let offer = "Sec-WebSocket-Protocol: chat.v2";
     assert_eq!(handshake_status(&gw, "/sub", &[offer]).await, 502);
 }
+
+#[tokio::test]
+async fn a_reload_keeps_the_clients_tunnel_counts() {
+    let backend = WsBackend::start("ws").await;
+    let config = limits_config("max_tunnels = 1", backend.addr);
+    let gw = TestGateway::start(&config).await;
+    let (head, _open) = open_handshake(&gw, LOCAL, "/two").await;
+    assert_eq!(head.status, 101);
+    gw.reload(&config).await.expect("same config reloads");
+    let (head, _) = open_handshake(&gw, LOCAL, "/two").await;
+    assert_eq!(
+        head.status, 429,
+        "the tunnel opened before the reload still counts"
+    );
+}
+
+#[tokio::test]
+async fn limits_count_the_address_a_proxy_header_carried() {
+    let backend = WsBackend::start("ws").await;
+    let rest = limits_config(
+        "handshakes_per_second = 0.1\nhandshake_burst = 1",
+        backend.addr,
+    );
+    let gw = TestGateway::start(&listener(PROXY_KEYS, &rest)).await;
+    let other: SocketAddr = "198.51.100.4:1234".parse().unwrap();
+    let mut open = Vec::new();
+    for (client, expected) in [(carried(), 101), (carried(), 429), (other, 101)] {
+        let mut connection = RawClient::connect(gw.addr).await;
+        let mut bytes = v1(client);
+        bytes.extend_from_slice(ws::handshake("app.test", "/two", &[]).as_bytes());
+        connection.send(&bytes).await;
+        assert_eq!(connection.read_head().await.status, expected, "{client}");
+        open.push(connection);
+    }
+}
