@@ -16,6 +16,16 @@ pub struct Route {
     /// Lowercase Upgrade protocols besides `websocket` that may pass.
     pub upgrades: Vec<String>,
     pub websocket: config::WebSocket,
+    /// Which `Origin`s may open a tunnel (or send any request, with `origin_check = "all"`).
+    pub origins: Option<config::OriginPolicy>,
+    /// Which subprotocol offers reach the backend.
+    pub subprotocols: Option<config::SubprotocolPolicy>,
+    /// Open tunnels one client address may have here; none: `[limits.per_client]`'s default.
+    pub max_tunnels_per_client: Option<u32>,
+    /// Larger request bodies get 413.
+    pub max_request_body: Option<u64>,
+    /// The global `[timeouts]` with this route's overrides.
+    pub timeouts: config::RouteTimeouts,
     /// Shared with the tunnels the route opened, which outlive their request.
     pub stats: Arc<RouteStats>,
 }
@@ -144,6 +154,11 @@ impl Router {
                 },
                 upgrades: route.upgrades.clone(),
                 websocket: route.websocket,
+                origins: route.origins.clone(),
+                subprotocols: route.subprotocols.clone(),
+                max_tunnels_per_client: route.max_tunnels_per_client,
+                max_request_body: route.max_request_body,
+                timeouts: route.timeouts,
                 stats: previous
                     .and_then(|p| p.routes.iter().find(|r| *r.name == *route.name))
                     .map_or_else(Arc::default, |r| r.stats.clone()),
@@ -187,6 +202,11 @@ mod tests {
             },
             upgrades: Vec::new(),
             websocket: config::WebSocket::default(),
+            origins: None,
+            subprotocols: None,
+            max_request_body: None,
+            timeouts: (&config::Timeouts::default()).into(),
+            max_tunnels_per_client: None,
         }
     }
 

@@ -16,12 +16,14 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::{self, Config};
 pub use crate::listener::ListenerStats;
 use crate::listener::{Listener, ListenerCtx, Protocols};
+use crate::proxy::policy::ClientLimiter;
 use crate::proxy::Proxy;
 use crate::shutdown::{self, Signal, Tracker, Trigger};
 use crate::snapshot::{Current, Snapshot};
 use crate::sockets;
 use crate::telemetry;
 use crate::tls::{self, Terminator};
+use tokio::sync::Semaphore;
 
 /// After the drain period, how long closed tunnels get to log their last line.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -245,6 +247,10 @@ fn listener_ctx(
         tls: terminators
             .get(&listener.name)
             .map(|terminator| terminator.acceptor.clone()),
+        proxy_protocol: listener.proxy_protocol.clone(),
+        connections: listener
+            .max_connections
+            .map(|n| Arc::new(Semaphore::new(n as usize))),
     }
 }
 
@@ -315,7 +321,14 @@ impl Server {
                 certificates: certificates.clone(),
             },
             source,
-            proxy: Arc::new(Proxy::new(current.clone(), tunnels.clone(), close_signal)),
+            // Created once: a reload keeps every client's tokens and tunnel counts (and
+            // the capacity it started with).
+            proxy: Arc::new(Proxy::new(
+                current.clone(),
+                ClientLimiter::new(config.limits.per_client.tracked_clients),
+                tunnels.clone(),
+                close_signal,
+            )),
             current,
             certificates,
             tunnels,
@@ -464,8 +477,18 @@ impl Server {
         let mut summary = diff(&self.config, &config, &previous, &snapshot);
         for listener in config.listeners.iter().filter(|l| stays(l)) {
             if let Some(r) = running.get(&listener.name) {
-                r.ctx
-                    .store(Arc::new(listener_ctx(&config, listener, &terminators)));
+                let mut ctx = listener_ctx(&config, listener, &terminators);
+                // The same limit keeps its semaphore, so open connections still count.
+                let before = r.ctx.load();
+                if let (Some(old), Some(_)) = (&before.connections, &ctx.connections) {
+                    let same = self.config.listeners.iter().any(|l| {
+                        l.name == listener.name && l.max_connections == listener.max_connections
+                    });
+                    if same {
+                        ctx.connections = Some(old.clone());
+                    }
+                }
+                r.ctx.store(Arc::new(ctx));
             }
         }
         let removed: Vec<String> = running

@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use http::uri::PathAndQuery;
 use http::{HeaderName, HeaderValue, Uri};
 
-use crate::config::{self, Config, Timeouts};
+use crate::config::{self, CidrSet, Config, Timeouts};
 use crate::router::Router;
 use crate::upstream::{self, UpstreamGroup};
 
@@ -21,6 +21,8 @@ pub struct Snapshot {
     pub router: Router,
     pub upstreams: Vec<UpstreamGroup>,
     pub timeouts: Timeouts,
+    /// The limits the (longer-lived) client limiter applies.
+    pub per_client: config::PerClient,
     pub access_log: bool,
     /// By listener name.
     policies: Vec<(String, Arc<ListenerPolicy>)>,
@@ -45,6 +47,7 @@ impl Snapshot {
             router: Router::new(&config.routes, previous.map(|p| &p.router)),
             upstreams,
             timeouts: config.timeouts,
+            per_client: config.limits.per_client,
             access_log: config.log.access,
             policies: config
                 .listeners
@@ -70,6 +73,7 @@ impl Snapshot {
             redirect: None,
             hsts: None,
             client_identity_header: None,
+            trusted_proxies: CidrSet::new(Vec::new()),
         };
         self.policies
             .iter()
@@ -86,6 +90,8 @@ pub struct ListenerPolicy {
     pub hsts: Option<HeaderValue>,
     /// Carries the client certificate's identity upstream; a client's own is removed.
     pub client_identity_header: Option<HeaderName>,
+    /// Peers whose forwarding headers are kept, and who name the client by them.
+    pub trusted_proxies: CidrSet,
 }
 
 impl ListenerPolicy {
@@ -99,6 +105,7 @@ impl ListenerPolicy {
             hsts: tls.and_then(|tls| tls.hsts.clone()),
             client_identity_header: tls
                 .and_then(|tls| tls.client_auth.as_ref()?.identity_header.clone()),
+            trusted_proxies: listener.trusted_proxies.clone(),
         }
     }
 }

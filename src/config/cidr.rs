@@ -113,7 +113,7 @@ impl fmt::Display for Cidr {
 pub struct CidrSet(Vec<Cidr>);
 
 impl CidrSet {
-    pub fn new(ranges: Vec<Cidr>) -> CidrSet {
+    pub const fn new(ranges: Vec<Cidr>) -> CidrSet {
         CidrSet(ranges)
     }
 

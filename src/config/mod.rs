@@ -111,6 +111,32 @@ pub struct Limits {
     /// HTTP/2 receive window per stream and per connection, in bytes.
     pub h2_stream_window: u32,
     pub h2_connection_window: u32,
+    pub per_client: PerClient,
+}
+
+/// `[limits.per_client]`: what one client address may do, across the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerClient {
+    /// WebSocket handshakes; over it, 429 with `Retry-After`.
+    pub handshakes: Option<Rate>,
+    /// Open tunnels across all routes.
+    pub max_tunnels: Option<u32>,
+    /// Open tunnels on any one route, unless the route sets its own.
+    pub max_tunnels_per_route: Option<u32>,
+    /// Client addresses the limiter remembers at once (beyond those with open tunnels).
+    pub tracked_clients: usize,
+}
+
+impl Default for PerClient {
+    fn default() -> Self {
+        PerClient {
+            handshakes: None,
+            max_tunnels: None,
+            max_tunnels_per_route: None,
+            // About 100 bytes each: under 7 MiB when full.
+            tracked_clients: 65_536,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -122,6 +148,7 @@ impl Default for Limits {
             // that one WebSocket over HTTP/2 is not held to nginx's 64 KiB per round trip.
             h2_stream_window: 1024 * 1024,
             h2_connection_window: 4 * 1024 * 1024,
+            per_client: PerClient::default(),
         }
     }
 }
@@ -146,6 +173,21 @@ pub struct Listener {
     pub tls: Option<Tls>,
     /// A plain listener that sends clients to HTTPS.
     pub redirect_https: Option<RedirectHttps>,
+    /// Every connection opens with a PROXY protocol header (v1 or v2), read before TLS.
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// Peers whose `X-Forwarded-*` and `Forwarded` are kept and appended to; from anyone
+    /// else they are dropped and rebuilt.
+    pub trusted_proxies: CidrSet,
+    /// Connections served at once (a permit taken before the TLS handshake); `None`: no limit.
+    pub max_connections: Option<u32>,
+}
+
+/// The L4 balancers in front of a listener, and how long their header may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyProtocol {
+    /// Only these peers may send a header; a connection from anyone else is closed.
+    pub from: CidrSet,
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,6 +255,70 @@ pub struct Route {
     /// Upgrade protocols besides `websocket` that this route passes through, lowercase.
     pub upgrades: Vec<String>,
     pub websocket: WebSocket,
+    /// `None`: any origin.
+    pub origins: Option<OriginPolicy>,
+    /// `None`: every offer goes to the backend.
+    pub subprotocols: Option<SubprotocolPolicy>,
+    /// Larger request bodies get 413; `None`: no limit.
+    pub max_request_body: Option<u64>,
+    /// The global timeouts with this route's overrides applied.
+    pub timeouts: RouteTimeouts,
+    /// Open tunnels one client address may have on this route: the route's own value, or
+    /// `[limits.per_client] max_tunnels_per_route`.
+    pub max_tunnels_per_client: Option<u32>,
+}
+
+/// Which browser origins may use a route (cross-site WebSocket hijacking, RFC 6455 §10.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginPolicy {
+    pub allowed: Vec<OriginPattern>,
+    /// Let in requests without `Origin` (non-browser clients send none).
+    pub allow_missing: bool,
+    pub check: OriginCheck,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginCheck {
+    /// WebSocket handshakes only.
+    WebSocket,
+    /// Every request.
+    All,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubprotocolPolicy {
+    /// Compared exactly with the client's offers.
+    pub allowed: Vec<String>,
+    pub unmatched: SubprotocolUnmatched,
+}
+
+/// A handshake that offered subprotocols, none of them allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubprotocolUnmatched {
+    /// 400.
+    Refuse,
+    /// To the backend without `Sec-WebSocket-Protocol`.
+    Forward,
+}
+
+/// The timeouts a route can set for itself; each defaults to the global one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteTimeouts {
+    pub connect: Duration,
+    pub upstream_response_header: Duration,
+    pub websocket_idle: Duration,
+    pub websocket_half_closed: Duration,
+}
+
+impl From<&Timeouts> for RouteTimeouts {
+    fn from(global: &Timeouts) -> RouteTimeouts {
+        RouteTimeouts {
+            connect: global.connect,
+            upstream_response_header: global.upstream_response_header,
+            websocket_idle: global.websocket_idle,
+            websocket_half_closed: global.websocket_half_closed,
+        }
+    }
 }
 
 /// What wsgate does with a WebSocket tunnel's frames; every byte passes through untouched

@@ -54,6 +54,20 @@ pub struct Limits {
     pub h2_max_concurrent_streams: Option<Spanned<i64>>,
     pub h2_stream_window: Option<Spanned<i64>>,
     pub h2_connection_window: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub per_client: PerClient,
+}
+
+/// `[limits.per_client]`: what one client address may do, across the gateway.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerClient {
+    /// An integer or a fraction, e.g. `0.5` for one every two seconds.
+    pub handshakes_per_second: Option<Spanned<f64>>,
+    pub handshake_burst: Option<Spanned<i64>>,
+    pub max_tunnels: Option<Spanned<i64>>,
+    pub max_tunnels_per_route: Option<Spanned<i64>>,
+    pub tracked_clients: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,6 +79,12 @@ pub struct Listener {
     pub reuse_port: Option<bool>,
     pub tls: Option<Tls>,
     pub redirect_https: Option<Spanned<RedirectHttps>>,
+    pub proxy_protocol: Option<Spanned<bool>>,
+    pub proxy_protocol_from: Option<Spanned<Vec<Spanned<String>>>>,
+    pub proxy_protocol_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,6 +127,25 @@ pub struct Route {
     #[serde(default)]
     pub upgrades: Vec<Spanned<String>>,
     pub websocket: Option<WebSocket>,
+    /// Absent: no check; `[]`: no browser origin is allowed.
+    pub allowed_origins: Option<Vec<Spanned<String>>>,
+    pub allow_missing_origin: Option<Spanned<bool>>,
+    pub origin_check: Option<Spanned<String>>,
+    pub subprotocols: Option<Vec<Spanned<String>>>,
+    pub subprotocol_unmatched: Option<Spanned<String>>,
+    pub max_request_body: Option<Spanned<i64>>,
+    pub max_tunnels_per_client: Option<Spanned<i64>>,
+    pub timeouts: Option<RouteTimeouts>,
+}
+
+/// A route's `timeouts = { ... }`: the global keys that make sense for one route.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTimeouts {
+    pub connect: Option<Spanned<String>>,
+    pub upstream_response_header: Option<Spanned<String>>,
+    pub websocket_idle: Option<Spanned<String>>,
+    pub websocket_half_closed: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

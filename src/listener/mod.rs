@@ -24,10 +24,11 @@ use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::client_io::Readiness;
-use crate::config::{Limits, Timeouts};
+use crate::config::{self, Limits, Timeouts};
 use crate::proxy::{error::PLAIN_HTTP_TO_TLS_PORT, ConnInfo, Proxy, TlsInfo};
 use crate::shutdown::{Signal, Tracker};
 use crate::tls;
@@ -55,12 +56,18 @@ pub struct ListenerStats {
     pub tls_failures: AtomicU64,
     /// HTTP/1 connections idle between requests, held without hyper's buffers.
     pub parked: AtomicUsize,
+    /// Connections closed for their PROXY header: missing, malformed, late, or untrusted peer.
+    pub proxy_header_failures: AtomicU64,
 }
 
 /// A listener's serving parameters, replaced whole by a reload.
 pub struct ListenerCtx {
     pub protocols: Arc<Protocols>,
     pub tls: Option<TlsAcceptor>,
+    /// Every connection opens with a PROXY header, read before TLS.
+    pub proxy_protocol: Option<config::ProxyProtocol>,
+    /// `max_connections`: a permit is taken before `accept` and held for the connection's life.
+    pub connections: Option<Arc<Semaphore>>,
 }
 
 /// The hyper builders of one listener, configured once.
@@ -102,7 +109,17 @@ impl Listener {
     /// registers with `connections`.
     pub async fn serve(self, proxy: Arc<Proxy>, mut drain: Signal, connections: Tracker) {
         let mut backoff = Duration::from_millis(10);
+        let mut trouble = AcceptTrouble::default();
         loop {
+            // At the limit, nothing is accepted: new connections wait in the kernel's backlog
+            // (and beyond it, the client's SYN retries), costing wsgate no descriptor.
+            let permit = match self.ctx.load().connections.clone() {
+                Some(limit) => tokio::select! {
+                    () = drain.fired() => break,
+                    permit = limit.acquire_owned() => permit.ok(),
+                },
+                None => None,
+            };
             let accepted = tokio::select! {
                 () = drain.fired() => break,
                 accepted = self.socket.accept() => accepted,
@@ -110,6 +127,9 @@ impl Listener {
             match accepted {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(10);
+                    if let Some(failures) = trouble.recovered() {
+                        tracing::warn!(listener = %self.name, failures, "accepting again");
+                    }
                     let connection = Connection {
                         proxy: proxy.clone(),
                         info: ConnInfo {
@@ -125,19 +145,20 @@ impl Listener {
                     let guard = connections.guard();
                     tokio::spawn(async move {
                         task.await;
-                        drop(guard);
+                        drop((guard, permit));
                     });
                 }
                 Err(err) if is_connection_error(&err) => {
                     tracing::debug!(listener = %self.name, error = %err, "accept: connection failed");
                 }
                 Err(err) => {
-                    tracing::error!(
-                        listener = %self.name,
-                        error = %err,
-                        retry_ms = backoff.as_millis() as u64,
-                        "accept failed; retrying"
-                    );
+                    if trouble.failed() {
+                        tracing::error!(
+                            listener = %self.name,
+                            error = %err,
+                            "accept failed; backing off and retrying (logged again once it works)"
+                        );
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
                 }
@@ -147,6 +168,26 @@ impl Listener {
         // (SO_REUSEPORT) address go to the other sockets of the group.
         drop(self.socket);
         tracing::debug!(listener = %self.name, "stopped accepting");
+    }
+}
+
+/// Accept failures that are not one connection's fault (EMFILE, ENOBUFS) come in episodes
+/// that can last thousands of attempts: one line at the start, one at the end.
+#[derive(Debug, Default)]
+struct AcceptTrouble {
+    failures: u64,
+}
+
+impl AcceptTrouble {
+    /// Counts a failure; true for an episode's first, the one to log.
+    fn failed(&mut self) -> bool {
+        self.failures += 1;
+        self.failures == 1
+    }
+
+    /// After a successful accept: the failures of the episode it ends, if one was going on.
+    fn recovered(&mut self) -> Option<u64> {
+        (self.failures > 0).then(|| std::mem::take(&mut self.failures))
     }
 }
 
@@ -170,12 +211,24 @@ struct Connection {
 /// task is allocated once for the connection's life, sized by its largest state, and an idle
 /// keep-alive connection should not keep paying for a handshake long over.
 async fn serve_connection(
-    stream: TcpStream,
-    connection: Connection,
+    mut stream: TcpStream,
+    mut connection: Connection,
     ctx: Arc<ListenerCtx>,
     drain: Signal,
 ) {
     let _ = stream.set_nodelay(true);
+    if let Some(proxy_protocol) = &ctx.proxy_protocol {
+        match Box::pin(client_from_proxy_header(
+            &mut stream,
+            &connection,
+            proxy_protocol,
+        ))
+        .await
+        {
+            Some(client) => connection.info.peer = client,
+            None => return,
+        }
+    }
     let protocols = &ctx.protocols;
     match &ctx.tls {
         None => {
@@ -184,6 +237,44 @@ async fn serve_connection(
             serve_http(stream, h2, true, connection, protocols, drain).await;
         }
         Some(acceptor) => Box::pin(serve_tls(stream, acceptor, connection, protocols, drain)).await,
+    }
+}
+
+/// The client the balancer's PROXY header names (the socket's peer for v2 `LOCAL`), or `None`
+/// once the connection is to be closed: its one log line is written here. An untrusted peer's
+/// bytes are never parsed.
+async fn client_from_proxy_header(
+    stream: &mut TcpStream,
+    connection: &Connection,
+    proxy_protocol: &config::ProxyProtocol,
+) -> Option<std::net::SocketAddr> {
+    let peer = connection.info.peer;
+    let listener = &*connection.info.listener;
+    let failed = || {
+        connection
+            .stats
+            .proxy_header_failures
+            .fetch_add(1, Ordering::Relaxed);
+    };
+    if !proxy_protocol.from.contains(peer.ip()) {
+        failed();
+        tracing::warn!(%peer, listener, "PROXY header refused: peer is not in proxy_protocol_from; closed");
+        return None;
+    }
+    match proxy_protocol::read_header(stream, proxy_protocol.timeout).await {
+        Ok(source) => Some(source.map_or(peer, |s| {
+            std::net::SocketAddr::new(s.ip().to_canonical(), s.port())
+        })),
+        Err(err) => {
+            failed();
+            tracing::warn!(
+                %peer,
+                listener,
+                error = %crate::telemetry::error_chain(&err),
+                "PROXY header refused; closed"
+            );
+            None
+        }
     }
 }
 
@@ -364,6 +455,19 @@ mod tests {
     use crate::shutdown;
     use crate::snapshot::Snapshot;
 
+    #[test]
+    fn accept_trouble_is_logged_once_per_episode() {
+        let mut trouble = AcceptTrouble::default();
+        assert_eq!(trouble.recovered(), None, "no episode, nothing to say");
+        assert!(trouble.failed(), "the first failure is logged");
+        assert!(!trouble.failed());
+        assert!(!trouble.failed());
+        assert_eq!(trouble.recovered(), Some(3));
+        assert_eq!(trouble.recovered(), None, "said once");
+        assert!(trouble.failed(), "a new episode is logged again");
+        assert_eq!(trouble.recovered(), Some(1));
+    }
+
     /// A parked connection is its socket, this task and the boxed HTTP/1 future; hyper's state
     /// (boxed apart, dropped while parked) and the TLS handshake's are not in either. tokio
     /// adds about 104 bytes to a task; the rest of an idle connection is its `Connection` and
@@ -380,6 +484,7 @@ mod tests {
         let (_close, close_signal) = shutdown::channel();
         let proxy = Arc::new(Proxy::new(
             Arc::new(ArcSwap::from_pointee(snapshot)),
+            crate::proxy::policy::ClientLimiter::new(1024),
             Tracker::default(),
             close_signal,
         ));
@@ -401,6 +506,8 @@ mod tests {
         let ctx = Arc::new(ListenerCtx {
             protocols: Arc::new(Protocols::new(&config.timeouts, &config.limits, true)),
             tls: None,
+            proxy_protocol: None,
+            connections: None,
         });
         let task =
             std::mem::size_of_val(&serve_connection(stream, connection(), ctx, drain.clone()));

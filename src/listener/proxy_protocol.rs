@@ -264,10 +264,11 @@ async fn read_header_unbounded(
 /// since it was taken, and `ready` then sleeps until the next one.
 async fn peek_more(stream: &TcpStream, buf: &mut [u8], seen: usize) -> io::Result<usize> {
     let waker = Waker::from(Arc::new(Unwoken));
-    let mut cx = Context::from_waker(&waker);
     loop {
         let ready = stream.ready(Interest::READABLE).await?;
         let peeked = stream.try_io(Interest::READABLE, || {
+            // Made here, not held across the await: a `Context` is not `Send`.
+            let mut cx = Context::from_waker(&waker);
             let mut read_buf = ReadBuf::new(buf);
             match stream.poll_peek(&mut cx, &mut read_buf) {
                 Poll::Ready(Ok(n)) if n > seen || n == read_buf.capacity() => Ok(n),

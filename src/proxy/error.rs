@@ -1,10 +1,11 @@
 //! The only place where a failure becomes a status code: each error knows which side caused
 //! it, and `respond` turns it into a short page and one log line.
 
-use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, SEC_WEBSOCKET_VERSION};
+use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, SEC_WEBSOCKET_VERSION};
 use http::{Response, StatusCode};
 
 use super::body::ProxyBody;
+use super::policy::{OriginRefused, TunnelRefused};
 use crate::telemetry::error_chain;
 use crate::upstream;
 use crate::websocket::HandshakeError;
@@ -28,6 +29,17 @@ pub enum ProxyError {
     BadHost,
     #[error("invalid WebSocket handshake")]
     Handshake(#[source] HandshakeError),
+    /// Cross-site WebSocket hijacking (RFC 6455 §10.2): refused before any backend is asked.
+    #[error("origin not allowed on this route")]
+    Origin(#[source] OriginRefused),
+    #[error("none of the offered subprotocols is allowed on this route")]
+    NoSubprotocol,
+    #[error("too many WebSocket handshakes from this client; retry in {}s", retry_after.as_secs())]
+    HandshakeRate { retry_after: std::time::Duration },
+    #[error("request body is over the route's limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("too many open WebSockets from this client")]
+    Tunnels(#[source] TunnelRefused),
     #[error("upstream {upstream:?} failed")]
     Upstream {
         upstream: String,
@@ -58,7 +70,14 @@ impl ProxyError {
                 StatusCode::NOT_IMPLEMENTED
             }
             ProxyError::Handshake(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Origin(_) => StatusCode::FORBIDDEN,
+            ProxyError::NoSubprotocol => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::HandshakeRate { .. } | ProxyError::Tunnels(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ProxyError::Upstream { source, .. } => match source {
+                err if err.is_body_too_large() => StatusCode::PAYLOAD_TOO_LARGE,
                 upstream::Error::ConnectTimeout { .. }
                 | upstream::Error::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
                 err if err.is_client_body() => StatusCode::BAD_REQUEST,
@@ -86,6 +105,9 @@ impl ProxyError {
             }
             ProxyError::Upstream { upstream, source } if !source.is_client_body() => {
                 format!("upstream \"{upstream}\" is unavailable")
+            }
+            ProxyError::Upstream { source, .. } if source.is_body_too_large() => {
+                "request body is over the route's limit".to_owned()
             }
             ProxyError::Handshake(err) => err.to_string(),
             other => other.to_string(),
@@ -129,6 +151,10 @@ pub fn respond(err: ProxyError, labels: &RequestLabels<'_>) -> Response<ProxyBod
         // RFC 6455 §4.4: tell the client which version we speak.
         ProxyError::Handshake(HandshakeError::UnsupportedVersion) => {
             headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        }
+        // RFC 6585 §4: when the client may try again.
+        ProxyError::HandshakeRate { retry_after } => {
+            headers.insert(RETRY_AFTER, HeaderValue::from(retry_after.as_secs()));
         }
         // RFC 9110 §15.5.6: a 405 lists what is allowed.
         ProxyError::ConnectMethod => {
@@ -198,6 +224,22 @@ mod tests {
         assert_eq!(
             ProxyError::Handshake(HandshakeError::MissingKey).status(),
             StatusCode::BAD_REQUEST
+        );
+        let origin = ProxyError::Origin(OriginRefused::NotAllowed);
+        assert_eq!(origin.status(), StatusCode::FORBIDDEN);
+        assert_eq!(origin.side(), Side::Downstream);
+        assert_eq!(
+            origin.page(),
+            "403 Forbidden: origin not allowed on this route\n"
+        );
+        assert_eq!(ProxyError::NoSubprotocol.status(), StatusCode::BAD_REQUEST);
+        let rate = ProxyError::HandshakeRate {
+            retry_after: Duration::from_secs(3),
+        };
+        assert_eq!(rate.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            ProxyError::Tunnels(TunnelRefused::PerClient(2)).status(),
+            StatusCode::TOO_MANY_REQUESTS
         );
     }
 }

@@ -2,7 +2,7 @@
 //! headers (X-Forwarded-*, RFC 7239 Forwarded), and the upgrade pair for a validated handshake.
 
 use std::fmt::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use http::header::{
     HeaderMap, HeaderName, HeaderValue, CONNECTION, COOKIE, FORWARDED, HOST, PROXY_AUTHENTICATE,
@@ -53,6 +53,7 @@ pub fn strip_extension(headers: &mut HeaderMap, extension: &str) {
 /// Who the request came from, as the forwarding headers tell it upstream.
 #[derive(Debug, Clone, Copy)]
 pub struct Forwarding<'a> {
+    /// The peer: the hop that connected to wsgate (or the PROXY header's client).
     pub client: IpAddr,
     /// `http` or `https`.
     pub proto: &'static str,
@@ -60,9 +61,21 @@ pub struct Forwarding<'a> {
     pub host: Option<&'a HeaderValue>,
 }
 
-/// Prepares a request's headers for the upstream. With `upgrade`, the client's `Upgrade` value
-/// is kept and `Connection: upgrade` restored, since both are otherwise hop-by-hop.
+/// `to_upstream_from` a trusted proxy.
 pub fn to_upstream(headers: &mut HeaderMap, forwarding: &Forwarding<'_>, upgrade: bool) {
+    to_upstream_from(headers, forwarding, upgrade, true);
+}
+
+/// Prepares a request's headers for the upstream. With `upgrade`, the client's `Upgrade` value
+/// is kept and `Connection: upgrade` restored, since both are otherwise hop-by-hop. `trusted`:
+/// the peer is a trusted proxy, so the forwarding headers it sent are kept and appended to;
+/// otherwise they are the client's own word, and are replaced.
+pub fn to_upstream_from(
+    headers: &mut HeaderMap,
+    forwarding: &Forwarding<'_>,
+    upgrade: bool,
+    trusted: bool,
+) {
     let upgrade = if upgrade {
         headers.get(UPGRADE).cloned()
     } else {
@@ -74,16 +87,59 @@ pub fn to_upstream(headers: &mut HeaderMap, forwarding: &Forwarding<'_>, upgrade
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(UPGRADE, protocol);
     }
-    append_forwarded_for(headers, forwarding.client);
-    headers.insert(
-        &X_FORWARDED_PROTO,
-        HeaderValue::from_static(forwarding.proto),
-    );
-    match forwarding.host {
-        Some(host) => headers.insert(&X_FORWARDED_HOST, host.clone()),
-        None => headers.remove(&X_FORWARDED_HOST),
+    append_forwarded_for(headers, forwarding.client, trusted);
+    if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(
+            &X_FORWARDED_PROTO,
+            HeaderValue::from_static(forwarding.proto),
+        );
+    }
+    if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+        match forwarding.host {
+            Some(host) => headers.insert(&X_FORWARDED_HOST, host.clone()),
+            None => headers.remove(&X_FORWARDED_HOST),
+        };
+    }
+    append_forwarded(headers, forwarding, trusted);
+}
+
+/// The address a request speaks for. From a peer that is not a trusted proxy, the peer; from
+/// a trusted one, the rightmost `X-Forwarded-For` hop that is not trusted (the leftmost when
+/// all are). A hop that is not an address ends the walk: the last trusted one stands in, since
+/// whatever a trusted proxy received it from is unknown.
+pub fn client_address(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    is_trusted: impl Fn(IpAddr) -> bool,
+) -> IpAddr {
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let mut client = peer;
+    let lines: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .map(|value| value.to_str().unwrap_or(""))
+        .collect();
+    for hop in lines.iter().rev().flat_map(|line| line.rsplit(',')) {
+        let Some(ip) = hop_address(hop.trim()) else {
+            break;
+        };
+        client = ip;
+        if !is_trusted(ip) {
+            break;
+        }
+    }
+    client
+}
+
+/// `192.0.2.7`, `2001:db8::1`, or either with a port (`[2001:db8::1]:443`), as proxies write them.
+fn hop_address(hop: &str) -> Option<IpAddr> {
+    let ip = match hop.parse::<IpAddr>() {
+        Ok(ip) => ip,
+        Err(_) => hop.parse::<SocketAddr>().ok()?.ip(),
     };
-    append_forwarded(headers, forwarding);
+    Some(ip.to_canonical())
 }
 
 /// Prepares a response's headers for the client. A relayed 101 keeps its `Upgrade` and
@@ -157,8 +213,11 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    let mut value = joined(headers, &X_FORWARDED_FOR);
+fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr, trusted: bool) {
+    let mut value = match trusted {
+        true => joined(headers, &X_FORWARDED_FOR),
+        false => String::with_capacity(64),
+    };
     if !value.is_empty() {
         value.push_str(", ");
     }
@@ -168,8 +227,11 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
     }
 }
 
-fn append_forwarded(headers: &mut HeaderMap, forwarding: &Forwarding<'_>) {
-    let mut value = joined(headers, &FORWARDED);
+fn append_forwarded(headers: &mut HeaderMap, forwarding: &Forwarding<'_>, trusted: bool) {
+    let mut value = match trusted {
+        true => joined(headers, &FORWARDED),
+        false => String::with_capacity(64),
+    };
     if !value.is_empty() {
         value.push_str(", ");
     }
@@ -319,7 +381,8 @@ mod tests {
             headers["x-forwarded-for"],
             "203.0.113.9, 198.51.100.1, 2001:db8::1"
         );
-        assert_eq!(headers["x-forwarded-proto"], "http");
+        // Kept from a trusted proxy; set where it sent none.
+        assert_eq!(headers["x-forwarded-proto"], "https");
         assert_eq!(headers["x-forwarded-host"], "example.com:8080");
         assert_eq!(
             headers["forwarded"],
@@ -336,6 +399,70 @@ mod tests {
         to_upstream(&mut headers, &forwarding, false);
         assert_eq!(headers["x-forwarded-for"], "192.0.2.7");
         assert_eq!(headers["forwarded"], "for=192.0.2.7;proto=http");
+    }
+
+    #[test]
+    fn an_untrusted_peer_s_forwarding_headers_are_replaced() {
+        let host = HeaderValue::from_static("app.test");
+        let mut headers = map(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("X-Forwarded-For", "198.51.100.1"),
+            ("forwarded", "for=203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "spoofed.test"),
+        ]);
+        let forwarding = Forwarding {
+            client: "192.0.2.7".parse().unwrap(),
+            proto: "http",
+            host: Some(&host),
+        };
+        to_upstream_from(&mut headers, &forwarding, false, false);
+        assert_eq!(headers.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(headers["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(
+            headers["forwarded"],
+            "for=192.0.2.7;host=app.test;proto=http"
+        );
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(headers["x-forwarded-host"], "app.test");
+    }
+
+    #[test]
+    fn the_client_is_the_rightmost_untrusted_hop() {
+        let trusted = |ip: IpAddr| match ip {
+            IpAddr::V4(ip) => ip.octets()[0] == 10,
+            IpAddr::V6(_) => false,
+        };
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let untrusted_peer: IpAddr = "192.0.2.7".parse().unwrap();
+        let cases: &[(&[&str], IpAddr, &str)] = &[
+            (&[], untrusted_peer, "192.0.2.7"),
+            (&["203.0.113.9"], untrusted_peer, "192.0.2.7"),
+            (&[], peer, "10.0.0.1"),
+            (&["203.0.113.9"], peer, "203.0.113.9"),
+            (
+                &["198.51.100.1, 203.0.113.9, 10.0.0.2"],
+                peer,
+                "203.0.113.9",
+            ),
+            (
+                &["198.51.100.1", "203.0.113.9 , 10.0.0.2"],
+                peer,
+                "203.0.113.9",
+            ),
+            (&["10.0.0.3, 10.0.0.2"], peer, "10.0.0.3"),
+            (&["[2001:db8::1]:443"], peer, "2001:db8::1"),
+            (&["203.0.113.9:80"], peer, "203.0.113.9"),
+            (&["::ffff:203.0.113.9"], peer, "203.0.113.9"),
+            (&["203.0.113.9, unknown, 10.0.0.2"], peer, "10.0.0.2"),
+            (&["garbage"], peer, "10.0.0.1"),
+        ];
+        for (lines, peer, expected) in cases {
+            let pairs: Vec<(&str, &str)> = lines.iter().map(|l| ("x-forwarded-for", *l)).collect();
+            let headers = map(&pairs);
+            let client = client_address(*peer, &headers, trusted);
+            assert_eq!(client.to_string(), *expected, "{lines:?} via {peer}");
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use http::header::{
     HeaderValue, CONTENT_TYPE, HOST, LOCATION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
-    STRICT_TRANSPORT_SECURITY, UPGRADE,
+    SEC_WEBSOCKET_PROTOCOL, STRICT_TRANSPORT_SECURITY, UPGRADE,
 };
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -54,6 +54,8 @@ pub struct TlsInfo {
 #[derive(Debug)]
 pub struct Proxy {
     current: Current,
+    /// Per-client-address state; outlives snapshots, so a reload resets no count.
+    limiter: Arc<policy::ClientLimiter>,
     /// Upgraded connections leave hyper's sight; they are counted here for the drain.
     tunnels: Tracker,
     /// Fired when the drain period is over: every tunnel closes at once.
@@ -90,12 +92,21 @@ struct Facts {
     method: Method,
     host: HeaderValue,
     uri: Uri,
+    /// Who logs and limits count the request for: the peer, or the client a trusted proxy
+    /// named in `X-Forwarded-For` (then with port 0: the header carries none).
+    client: SocketAddr,
 }
 
 impl Proxy {
-    pub fn new(current: Current, tunnels: Tracker, close_tunnels: Signal) -> Proxy {
+    pub fn new(
+        current: Current,
+        limiter: Arc<policy::ClientLimiter>,
+        tunnels: Tracker,
+        close_tunnels: Signal,
+    ) -> Proxy {
         Proxy {
             current,
+            limiter,
             tunnels,
             close_tunnels,
         }
@@ -113,6 +124,7 @@ impl Proxy {
                 .as_ref()
                 .map_or(HeaderValue::from_static(""), detached_value),
             uri: detached_uri(request.uri()),
+            client: client_of(&request, conn, policy),
         };
         // Only whether it was valid is matched on below, across the wait for the upstream.
         let host = host.map(drop);
@@ -156,7 +168,7 @@ impl Proxy {
                         method = %facts.method,
                         host = host_text,
                         path,
-                        client = %conn.peer,
+                        client = %facts.client,
                         head_ms = started.elapsed().as_millis() as u64,
                         "request"
                     );
@@ -170,7 +182,7 @@ impl Proxy {
                     host: host_text,
                     path,
                     route: route_name,
-                    client: conn.peer,
+                    client: facts.client,
                 },
             ),
         };
@@ -211,6 +223,26 @@ impl Proxy {
             Classification::Upgrade(protocol) => Some(protocol),
             Classification::Plain => None,
         };
+        if let Some(origins) = &route.origins {
+            if protocol.is_some() || origins.check == config::OriginCheck::All {
+                policy::check_origin(request.headers(), &origins.allowed, origins.allow_missing)
+                    .map_err(ProxyError::Origin)?;
+            }
+        }
+        if let (Some(_), Some(subprotocols)) = (protocol, &route.subprotocols) {
+            filter_subprotocols(request.headers_mut(), subprotocols)?;
+        }
+        // A declared length is judged at once; a chunked body where it crosses the limit.
+        if let Some(limit) = route.max_request_body {
+            if hyper::body::Body::size_hint(request.body()).lower() > limit {
+                return Err(ProxyError::BodyTooLarge { limit });
+            }
+        }
+        // Taken before the backend is contacted; dropped with the request if no tunnel opens.
+        let client_guard = match protocol {
+            Some(_) => self.admit_tunnel(snapshot, route, facts.client.ip())?,
+            None => None,
+        };
         // An HTTP/2 stream becomes an HTTP/1.1 handshake upstream, with a key of our own.
         let bridged_key = (protocol == Some(Protocol::WebSocketOverH2)).then(|| {
             let key = websocket::new_key();
@@ -236,14 +268,17 @@ impl Proxy {
             upstream: upstream.name.to_string(),
             source,
         };
-        let mut lease = upstream
-            .connect(&snapshot.timeouts)
-            .await
-            .map_err(upstream_failed)?;
+        // A slow route's longer response timeout applies to it alone.
+        let timeouts = config::Timeouts {
+            connect: route.timeouts.connect,
+            upstream_response_header: route.timeouts.upstream_response_header,
+            ..snapshot.timeouts
+        };
+        let mut lease = upstream.connect(&timeouts).await.map_err(upstream_failed)?;
         let mut response = match bridged_key {
             // The CONNECT stream's body is the tunnel itself, not a request body.
             Some(_) => lease.send_bodyless(request.map(drop)).await,
-            None => lease.send(request).await,
+            None => lease.send(request, route.max_request_body).await,
         }
         .map_err(upstream_failed)?;
         let server = Some(lease.endpoint().clone());
@@ -264,8 +299,16 @@ impl Proxy {
                 .map(HeaderValue::as_bytes)
                 == Some(accept.as_bytes())
         });
+        // Only an allowed subprotocol may be chosen: the filter would mean little otherwise.
+        let chosen_allowed = route.subprotocols.as_ref().is_none_or(|subprotocols| {
+            response
+                .headers()
+                .get(SEC_WEBSOCKET_PROTOCOL)
+                .is_none_or(|chosen| subprotocols.allowed.iter().any(|a| a == chosen))
+        });
         let switched = upgrade.filter(|upgrade| {
             accepted
+                && chosen_allowed
                 && websocket::switched_to(
                     response.headers(),
                     upgrade.protocol,
@@ -279,8 +322,8 @@ impl Proxy {
         };
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         let options = tunnel::Options {
-            idle: snapshot.timeouts.websocket_idle,
-            half_closed: snapshot.timeouts.websocket_half_closed,
+            idle: route.timeouts.websocket_idle,
+            half_closed: route.timeouts.websocket_half_closed,
             // Other upgrades are not WebSocket: their bytes stay opaque.
             frames: (upgrade.protocol != Protocol::Other)
                 .then(|| frame_options(&route.websocket, response.headers())),
@@ -289,7 +332,7 @@ impl Proxy {
             route: route.name.clone(),
             upstream: upstream.name.clone(),
             server: lease.endpoint().label.clone(),
-            client: conn.peer,
+            client: facts.client,
         };
         let signals = tunnel::Signals {
             drain: conn.drain.clone(),
@@ -301,7 +344,12 @@ impl Proxy {
             options,
             signals,
         };
-        self.spawn_tunnel((upgrade.client, upstream_upgrade), lease, route, tunnel);
+        self.spawn_tunnel(
+            (upgrade.client, upstream_upgrade),
+            (lease, client_guard),
+            route,
+            tunnel,
+        );
         let (mut parts, _) = response.into_parts();
         if bridged_key.is_some() {
             route.stats.tunnels_over_h2.fetch_add(1, Ordering::Relaxed);
@@ -316,14 +364,47 @@ impl Proxy {
         Ok((Response::from_parts(parts, ProxyBody::empty()), server))
     }
 
+    /// A handshake of `client` spends a token and, when tunnels are limited, counts a tunnel.
+    fn admit_tunnel(
+        &self,
+        snapshot: &Snapshot,
+        route: &Route,
+        client: std::net::IpAddr,
+    ) -> Result<Option<policy::TunnelGuard>, ProxyError> {
+        let limits = &snapshot.per_client;
+        let now = Instant::now().into_std();
+        if let Some(rate) = limits.handshakes {
+            if let policy::Admission::Limited { retry_after } =
+                self.limiter.admit(client, rate, now)
+            {
+                return Err(ProxyError::HandshakeRate { retry_after });
+            }
+        }
+        let tunnels = policy::TunnelLimits {
+            per_client: limits.max_tunnels,
+            per_client_on_route: route
+                .max_tunnels_per_client
+                .or(limits.max_tunnels_per_route),
+        };
+        if tunnels == policy::TunnelLimits::default() {
+            return Ok(None);
+        }
+        self.limiter
+            .open_tunnel(client, &route.name, tunnels, now)
+            .map(Some)
+            .map_err(ProxyError::Tunnels)
+    }
+
     /// `upgrades`: the client's and the upstream's, each resolving once its side switched.
+    /// `holds`: the server lease and the client's tunnel count, both given back at its end.
     fn spawn_tunnel(
         &self,
         upgrades: (hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade),
-        lease: Lease,
+        holds: (Lease, Option<policy::TunnelGuard>),
         route: &Route,
         tunnel: Tunnel,
     ) {
+        let (lease, client_guard) = holds;
         let (client, upstream) = upgrades;
         let Tunnel {
             labels,
@@ -334,6 +415,7 @@ impl Proxy {
         let hold = TunnelHold {
             _lease: lease.into_tunnel(),
             _guard: self.tunnels.guard(),
+            _client: client_guard.map(Box::new),
             stats: route.stats.clone(),
         };
         // This small task only waits for both sides to switch; the tunnel is a task of its
@@ -355,10 +437,13 @@ impl Proxy {
 }
 
 /// What lives exactly as long as a tunnel: its lease on the server (counted by
-/// least-connections), its place in the drain, and the route's count of open tunnels.
+/// least-connections), its place in the drain, its client's and its route's counts.
 pub(crate) struct TunnelHold {
     _lease: TunnelLease,
     _guard: crate::shutdown::Guard,
+    /// The client's open-tunnel count (`[limits.per_client]`), when limited. Boxed: the tunnel
+    /// task's size budget has no room for its 40 bytes.
+    _client: Option<Box<policy::TunnelGuard>>,
     stats: Arc<crate::router::RouteStats>,
 }
 
@@ -366,6 +451,28 @@ impl Drop for TunnelHold {
     fn drop(&mut self) {
         self.stats.tunnel_closed();
     }
+}
+
+/// Leaves only the route's allowed offers in a handshake's `Sec-WebSocket-Protocol`.
+fn filter_subprotocols(
+    headers: &mut http::HeaderMap,
+    subprotocols: &config::SubprotocolPolicy,
+) -> Result<(), ProxyError> {
+    let kept = match policy::filter_subprotocols(headers, &subprotocols.allowed) {
+        policy::Subprotocols::NotOffered => return Ok(()),
+        policy::Subprotocols::Kept(kept) => Some(policy::subprotocol_header(&kept)),
+        policy::Subprotocols::NoneLeft => None,
+    };
+    match (kept, subprotocols.unmatched) {
+        (Some(kept), _) => {
+            headers.insert(SEC_WEBSOCKET_PROTOCOL, kept);
+        }
+        (None, config::SubprotocolUnmatched::Refuse) => return Err(ProxyError::NoSubprotocol),
+        (None, config::SubprotocolUnmatched::Forward) => {
+            headers.remove(SEC_WEBSOCKET_PROTOCOL);
+        }
+    }
+    Ok(())
 }
 
 /// How a WebSocket tunnel on `route` follows its frames, given the backend's 101.
@@ -380,6 +487,19 @@ fn frame_options(route: &config::WebSocket, switched: &http::HeaderMap) -> tunne
         max_message: route.max_message,
         strict: route.strict,
         deflate: websocket::deflate_negotiated(switched),
+    }
+}
+
+/// See `Facts::client`.
+fn client_of(request: &Request<Incoming>, conn: &ConnInfo, policy: &ListenerPolicy) -> SocketAddr {
+    let trusted = &policy.trusted_proxies;
+    if trusted.is_empty() {
+        return conn.peer;
+    }
+    let ip = headers::client_address(conn.peer.ip(), request.headers(), |ip| trusted.contains(ip));
+    match ip == conn.peer.ip() {
+        true => conn.peer,
+        false => SocketAddr::new(ip, 0),
     }
 }
 
@@ -452,7 +572,8 @@ fn prepare_upstream_request(
         proto: if conn.tls.is_some() { "https" } else { "http" },
         host: (!facts.host.is_empty()).then_some(&facts.host),
     };
-    headers::to_upstream(request.headers_mut(), &forwarding, upgrade);
+    let trusted = policy.trusted_proxies.contains(conn.peer.ip());
+    headers::to_upstream_from(request.headers_mut(), &forwarding, upgrade, trusted);
     if let Some(name) = &policy.client_identity_header {
         let identity = conn
             .tls

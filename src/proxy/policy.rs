@@ -403,6 +403,14 @@ impl Drop for TunnelGuard {
     }
 }
 
+impl std::fmt::Debug for ClientLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientLimiter")
+            .field("capacity", &self.capacity())
+            .finish_non_exhaustive()
+    }
+}
+
 impl std::fmt::Debug for TunnelGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TunnelGuard")

@@ -56,11 +56,26 @@ pub enum Error {
 }
 
 impl Error {
-    /// The client's own request body failed (it went away mid-upload): not the upstream's fault.
+    /// The client's own request body failed (it went away mid-upload, or was over its route's
+    /// `max_request_body`): not the upstream's fault.
     pub fn is_client_body(&self) -> bool {
         matches!(self, Error::Exchange { source, .. } if source.is_user())
     }
+
+    /// The request body grew past its route's `max_request_body` while being sent.
+    pub fn is_body_too_large(&self) -> bool {
+        match self {
+            Error::Exchange { source, .. } => std::error::Error::source(source)
+                .is_some_and(|cause| cause.downcast_ref::<BodyTooLarge>().is_some()),
+            _ => false,
+        }
+    }
 }
+
+/// What a request body that crosses its limit ends with; the upstream request is abandoned.
+#[derive(Debug, thiserror::Error)]
+#[error("request body is over the route's limit of {0} bytes")]
+pub struct BodyTooLarge(pub u64);
 
 #[derive(Debug)]
 pub struct UpstreamGroup {
@@ -392,8 +407,13 @@ impl Lease {
 
     /// Sends `request` and waits for the response head. The response timeout starts once the
     /// request body has been sent, so a slow upload is not mistaken for a slow upstream.
-    pub async fn send(&mut self, request: Request<Incoming>) -> Result<Response<Incoming>, Error> {
-        self.send_body(request.map(Some)).await
+    /// A body that grows past `max_body` bytes fails the exchange (`is_body_too_large`).
+    pub async fn send(
+        &mut self,
+        request: Request<Incoming>,
+        max_body: Option<u64>,
+    ) -> Result<Response<Incoming>, Error> {
+        self.send_body(request.map(Some), max_body).await
     }
 
     /// Sends a request that has no body, such as a handshake made up by wsgate.
@@ -401,15 +421,16 @@ impl Lease {
         &mut self,
         request: Request<()>,
     ) -> Result<Response<Incoming>, Error> {
-        self.send_body(request.map(|()| None)).await
+        self.send_body(request.map(|()| None), None).await
     }
 
     async fn send_body(
         &mut self,
         request: Request<Option<Incoming>>,
+        max_body: Option<u64>,
     ) -> Result<Response<Incoming>, Error> {
         let (parts, body) = request.into_parts();
-        let (body, sent) = RequestBody::new(body);
+        let (body, sent) = RequestBody::new(body, max_body.unwrap_or(u64::MAX));
         let mut request = Request::from_parts(parts, body);
         let mut sent = sent;
         loop {
@@ -490,36 +511,47 @@ pub struct RequestBody {
     /// `None`: no body at all.
     inner: Option<Incoming>,
     _sent: Option<oneshot::Sender<()>>,
+    /// Bytes still allowed; a chunked body is cut when it crosses the route's limit.
+    allowance: u64,
+    limit: u64,
 }
 
 impl RequestBody {
-    fn new(inner: Option<Incoming>) -> (RequestBody, Option<oneshot::Receiver<()>>) {
+    fn new(inner: Option<Incoming>, limit: u64) -> (RequestBody, Option<oneshot::Receiver<()>>) {
+        let body = |inner, sent| RequestBody {
+            inner,
+            _sent: sent,
+            allowance: limit,
+            limit,
+        };
         if inner.as_ref().is_none_or(Incoming::is_end_stream) {
-            return (RequestBody { inner, _sent: None }, None);
+            return (body(inner, None), None);
         }
         let (tx, rx) = oneshot::channel();
-        (
-            RequestBody {
-                inner,
-                _sent: Some(tx),
-            },
-            Some(rx),
-        )
+        (body(inner, Some(tx)), Some(rx))
     }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.inner.as_mut() {
-            Some(inner) => Pin::new(inner).poll_frame(cx),
-            None => Poll::Ready(None),
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let frame = match self.inner.as_mut() {
+            Some(inner) => std::task::ready!(Pin::new(inner).poll_frame(cx)),
+            None => return Poll::Ready(None),
+        };
+        if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
+            let len = data.map_or(0, |d| d.len() as u64);
+            match self.allowance.checked_sub(len) {
+                Some(left) => self.allowance = left,
+                None => return Poll::Ready(Some(Err(Box::new(BodyTooLarge(self.limit))))),
+            }
         }
+        Poll::Ready(frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

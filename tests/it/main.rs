@@ -5,6 +5,7 @@ mod support;
 
 mod browser;
 mod config;
+mod edge;
 mod errors;
 mod frames;
 mod http;

@@ -1,5 +1,5 @@
 //! What several sections share: durations, one-of-these choices and their `(known: …)` list,
-//! host names, unique names, paths next to the config file, HTTP tokens.
+//! host names, unique names, paths next to the config file, HTTP tokens, counts, CIDR lists.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::Validator;
-use crate::config::HostPattern;
+use super::{Validator, MAX_COUNT};
+use crate::config::{Cidr, CidrSet, HostPattern};
 
 impl<'a> Validator<'a> {
     /// Relative paths in the config are read from the config file's folder.
@@ -75,6 +75,31 @@ impl<'a> Validator<'a> {
                 format!("duplicate {what} name {:?}", name.get_ref()),
             );
         }
+    }
+
+    /// A count from 1 to `MAX_COUNT`, or `None` when absent (or wrong, which is reported).
+    pub(super) fn count(&mut self, raw: Option<Spanned<i64>>, what: &str) -> Option<u32> {
+        let raw = raw?;
+        if (1..=MAX_COUNT).contains(raw.get_ref()) {
+            return Some(*raw.get_ref() as u32);
+        }
+        self.error(
+            raw.span(),
+            format!("{what} must be between 1 and {MAX_COUNT}"),
+        );
+        None
+    }
+
+    /// Address ranges; each bad one is reported with what is wrong with it.
+    pub(super) fn cidrs(&mut self, raw: &[Spanned<String>], what: &str) -> CidrSet {
+        let mut ranges = Vec::with_capacity(raw.len());
+        for text in raw {
+            match text.get_ref().parse::<Cidr>() {
+                Ok(range) => ranges.push(range),
+                Err(err) => self.error(text.span(), format!("{what}: {err}")),
+            }
+        }
+        CidrSet::new(ranges)
     }
 
     pub(super) fn host(&mut self, raw: &Spanned<String>) -> Option<HostPattern> {

@@ -1,4 +1,5 @@
-//! `[[listener]]` and `[listener.tls]`: bind addresses, redirects, certificates, mTLS, HSTS.
+//! `[[listener]]` and `[listener.tls]`: bind addresses, redirects, certificates, mTLS, HSTS,
+//! the PROXY protocol and trusted proxies, the connection limit.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -10,7 +11,8 @@ use toml::Spanned;
 use super::Validator;
 use crate::config::raw;
 use crate::config::{
-    CertificateFiles, ClientAuth, Listener, RedirectHttps, Tls, TlsVersion, UnknownSni,
+    CertificateFiles, ClientAuth, Listener, ProxyProtocol, RedirectHttps, Tls, TlsVersion,
+    UnknownSni,
 };
 
 impl Validator<'_> {
@@ -59,6 +61,11 @@ impl Validator<'_> {
                 }
                 self.redirect(redirect.into_inner())
             });
+            let proxy_protocol = self.proxy_protocol(
+                listener.proxy_protocol,
+                listener.proxy_protocol_from,
+                listener.proxy_protocol_timeout,
+            );
             listeners.push(Listener {
                 name: listener.name.into_inner(),
                 bind,
@@ -67,9 +74,57 @@ impl Validator<'_> {
                 reuse_port: listener.reuse_port.unwrap_or(false),
                 tls,
                 redirect_https,
+                proxy_protocol,
+                trusted_proxies: self.cidrs(&listener.trusted_proxies, "trusted_proxies"),
+                max_connections: self.count(listener.max_connections, "max_connections"),
             });
         }
         listeners
+    }
+
+    /// `proxy_protocol = true` needs the balancers' ranges. The other two keys without
+    /// `proxy_protocol` are likely a forgotten line; `proxy_protocol = false` keeps them unused.
+    fn proxy_protocol(
+        &mut self,
+        enabled: Option<Spanned<bool>>,
+        from: Option<Spanned<Vec<Spanned<String>>>>,
+        timeout: Option<Spanned<String>>,
+    ) -> Option<ProxyProtocol> {
+        let forgotten = enabled.is_none();
+        let Some(enabled) = enabled.filter(|on| *on.get_ref()) else {
+            for span in [from.map(|f| f.span()), timeout.map(|t| t.span())]
+                .into_iter()
+                .flatten()
+                .filter(|_| forgotten)
+            {
+                self.error(
+                    span,
+                    "proxy_protocol_from and proxy_protocol_timeout need proxy_protocol = true"
+                        .to_owned(),
+                );
+            }
+            return None;
+        };
+        let Some(from) = from else {
+            self.error(
+                enabled.span(),
+                "proxy_protocol = true needs proxy_protocol_from = [\"10.0.0.0/8\"], the balancers' addresses".to_owned(),
+            );
+            return None;
+        };
+        if from.get_ref().is_empty() {
+            self.error(
+                from.span(),
+                "proxy_protocol_from must name at least one address range".to_owned(),
+            );
+            return None;
+        }
+        Some(ProxyProtocol {
+            from: self.cidrs(from.get_ref(), "proxy_protocol_from"),
+            // Balancers send the header with the connection's first packet; a peer that
+            // has not sent it in seconds is not a balancer.
+            timeout: self.duration(timeout, Duration::from_secs(5)),
+        })
     }
 
     pub(super) fn redirect(&mut self, raw: raw::RedirectHttps) -> Option<RedirectHttps> {
@@ -280,5 +335,68 @@ mod tests {
         let errs = errors(text);
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(errs[0].starts_with("t.toml:4:14: invalid type"), "{errs:?}");
+    }
+
+    #[test]
+    fn proxy_protocol_needs_its_balancers() {
+        let text = "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:80\"\nproxy_protocol = true\nproxy_protocol_from = [\"10.0.0.0/8\", \"2001:db8::/32\"]\n";
+        let config = validate(text, "t.toml").unwrap();
+        let proxy = config.listeners[0].proxy_protocol.as_ref().unwrap();
+        assert_eq!(proxy.timeout, Duration::from_secs(5));
+        assert!(proxy.from.contains("10.1.2.3".parse().unwrap()));
+        assert!(proxy.from.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!proxy.from.contains("192.0.2.1".parse().unwrap()));
+
+        let text = "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:80\"\nproxy_protocol = true\nproxy_protocol_from = [\"10.0.0.0/8\"]\nproxy_protocol_timeout = \"250ms\"\n";
+        let config = validate(text, "t.toml").unwrap();
+        let proxy = config.listeners[0].proxy_protocol.as_ref().unwrap();
+        assert_eq!(proxy.timeout, Duration::from_millis(250));
+
+        // Off, explicitly: the other keys are kept for later, unused.
+        let text = "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:80\"\nproxy_protocol = false\nproxy_protocol_from = [\"10.0.0.0/8\"]\n";
+        assert!(validate(text, "t.toml").unwrap().listeners[0]
+            .proxy_protocol
+            .is_none());
+
+        let text = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\nproxy_protocol = true\n[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:81\"\nproxy_protocol = true\nproxy_protocol_from = []\n[[listener]]\nname = \"c\"\nbind = \"127.0.0.1:82\"\nproxy_protocol_from = [\"10.0.0.0/8\"]\nproxy_protocol_timeout = \"5s\"\n[[listener]]\nname = \"d\"\nbind = \"127.0.0.1:83\"\nproxy_protocol = true\nproxy_protocol_from = [\"10.0.0.0/33\", \"10.0.0.1/8\"]\nproxy_protocol_timeout = \"soon\"\n";
+        assert_eq!(
+            errors(text),
+            [
+                "t.toml:4:18: proxy_protocol = true needs proxy_protocol_from = [\"10.0.0.0/8\"], the balancers' addresses",
+                "t.toml:9:23: proxy_protocol_from must name at least one address range",
+                "t.toml:13:23: proxy_protocol_from and proxy_protocol_timeout need proxy_protocol = true",
+                "t.toml:14:26: proxy_protocol_from and proxy_protocol_timeout need proxy_protocol = true",
+                "t.toml:19:24: proxy_protocol_from: 10.0.0.0/33: prefix length must be at most 32",
+                "t.toml:19:39: proxy_protocol_from: 10.0.0.1/8: bits are set past the prefix length; the range is 10.0.0.0/8",
+                "t.toml:20:26: invalid duration \"soon\": expected a positive number with a unit, e.g. \"250ms\", \"5s\", \"2m\", \"1h\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_and_max_connections() {
+        let text = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\ntrusted_proxies = [\"192.0.2.7\", \"10.0.0.0/8\"]\nmax_connections = 10000\n";
+        let config = validate(text, "t.toml").unwrap();
+        let listener = &config.listeners[0];
+        assert_eq!(listener.trusted_proxies.ranges().len(), 2);
+        assert!(listener
+            .trusted_proxies
+            .contains("192.0.2.7".parse().unwrap()));
+        assert_eq!(listener.max_connections, Some(10_000));
+
+        let text = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\n";
+        let config = validate(text, "t.toml").unwrap();
+        assert!(config.listeners[0].trusted_proxies.is_empty());
+        assert_eq!(config.listeners[0].max_connections, None);
+        assert!(config.listeners[0].proxy_protocol.is_none());
+
+        let text = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:80\"\ntrusted_proxies = [\"proxy.internal\"]\nmax_connections = 0\n";
+        assert_eq!(
+            errors(text),
+            [
+                "t.toml:4:20: trusted_proxies: proxy.internal: not an IP address, e.g. \"10.0.0.0/8\" or \"2001:db8::/32\"",
+                "t.toml:5:19: max_connections must be between 1 and 1000000",
+            ]
+        );
     }
 }

@@ -10,18 +10,22 @@ mod routes;
 mod upstreams;
 mod websocket;
 
+use std::num::NonZeroU32;
 use std::ops::Range;
+use std::time::Duration;
 
 use toml::Spanned;
 use tracing_subscriber::filter::{Directive, LevelFilter};
 
 use super::raw;
-use super::{Config, Diagnostic, Limits, Location, Log, Reload, Timeouts};
+use super::{Config, Diagnostic, Limits, Location, Log, PerClient, Rate, Reload, Timeouts};
 
 /// hyper cannot read a request head into a buffer smaller than this.
 const MIN_HEADER_BYTES: i64 = 8 * 1024;
 const MAX_HEADER_BYTES: i64 = 1024 * 1024;
 const MAX_WORKERS: i64 = 1024;
+/// The largest connection, tunnel or rate count the config takes.
+const MAX_COUNT: i64 = 1_000_000;
 
 pub(super) fn validate(text: &str, file: &str) -> Result<Config, Vec<Diagnostic>> {
     let mut v = Validator {
@@ -93,14 +97,17 @@ impl Validator<'_> {
         };
         let upstreams = self.upstreams(raw.upstreams);
         let websocket = self.websocket(raw.websocket, &crate::config::WebSocket::default());
+        // Routes start from these.
+        let timeouts = self.timeouts(raw.timeouts);
+        let limits = self.limits(raw.limits);
         Config {
             workers,
             log: self.log(raw.log),
-            timeouts: self.timeouts(raw.timeouts),
-            limits: self.limits(raw.limits),
             reload: self.reload(raw.reload),
             listeners: self.listeners(raw.listeners),
-            routes: self.routes(raw.routes, &upstreams, &websocket),
+            routes: self.routes(raw.routes, &upstreams, &websocket, &timeouts, &limits),
+            timeouts,
+            limits,
             upstreams,
         }
     }
@@ -194,7 +201,51 @@ impl Validator<'_> {
                 );
             }
         }
+        limits.per_client = self.per_client(raw.per_client);
         limits
+    }
+
+    fn per_client(&mut self, raw: raw::PerClient) -> PerClient {
+        let default = PerClient::default();
+        let burst = self.count(raw.handshake_burst.clone(), "handshake_burst");
+        let handshakes = match raw.handshakes_per_second {
+            None => {
+                if let Some(burst) = &raw.handshake_burst {
+                    self.error(
+                        burst.span(),
+                        "handshake_burst needs handshakes_per_second".to_owned(),
+                    );
+                }
+                None
+            }
+            Some(rate) if *rate.get_ref() > 0.0 && *rate.get_ref() <= MAX_COUNT as f64 => {
+                let per_second = *rate.get_ref();
+                Some(Rate {
+                    interval: Duration::from_secs_f64(1.0 / per_second),
+                    // One second's worth by default, and at least one.
+                    burst: NonZeroU32::new(burst.unwrap_or(per_second.ceil() as u32))
+                        .unwrap_or(NonZeroU32::MIN),
+                })
+            }
+            Some(rate) => {
+                self.error(
+                    rate.span(),
+                    format!("handshakes_per_second must be a positive number up to {MAX_COUNT}, e.g. 5 or 0.5"),
+                );
+                None
+            }
+        };
+        PerClient {
+            handshakes,
+            max_tunnels: self.count(raw.max_tunnels, "max_tunnels"),
+            max_tunnels_per_route: self.count(raw.max_tunnels_per_route, "max_tunnels_per_route"),
+            tracked_clients: self.bounded(
+                raw.tracked_clients,
+                1024..=16_777_216,
+                "tracked_clients",
+                default.tracked_clients as u32,
+            ) as usize,
+        }
     }
 
     fn bounded(
@@ -286,6 +337,61 @@ mod tests {
         assert_eq!(
             errors("workers = 1\n"),
             ["t.toml:1:1: no listener: add one, e.g. [[listener]] name = \"http\" bind = \"127.0.0.1:8080\""]
+        );
+    }
+
+    #[test]
+    fn per_client_limits() {
+        let text = format!("{LISTENER}[limits.per_client]\nhandshakes_per_second = 5\nmax_tunnels = 20\nmax_tunnels_per_route = 8\ntracked_clients = 100000\n");
+        let per_client = validate(&text, "t.toml").unwrap().limits.per_client;
+        let rate = per_client.handshakes.unwrap();
+        assert_eq!(rate.interval, Duration::from_millis(200));
+        assert_eq!(rate.burst.get(), 5, "one second's worth by default");
+        assert_eq!(per_client.max_tunnels, Some(20));
+        assert_eq!(per_client.max_tunnels_per_route, Some(8));
+        assert_eq!(per_client.tracked_clients, 100_000);
+
+        let text = format!(
+            "{LISTENER}[limits.per_client]\nhandshakes_per_second = 0.5\nhandshake_burst = 3\n"
+        );
+        let rate = validate(&text, "t.toml")
+            .unwrap()
+            .limits
+            .per_client
+            .handshakes
+            .unwrap();
+        assert_eq!(rate.interval, Duration::from_secs(2));
+        assert_eq!(rate.burst.get(), 3);
+
+        let text = format!("{LISTENER}[limits.per_client]\nhandshakes_per_second = 0.25\n");
+        let rate = validate(&text, "t.toml")
+            .unwrap()
+            .limits
+            .per_client
+            .handshakes
+            .unwrap();
+        assert_eq!(rate.burst.get(), 1, "never less than one");
+
+        let unset = validate(LISTENER, "t.toml").unwrap().limits.per_client;
+        assert_eq!(unset, PerClient::default());
+        assert_eq!(unset.handshakes, None);
+        assert_eq!(unset.tracked_clients, 65_536);
+
+        let text = format!("{LISTENER}[limits.per_client]\nhandshakes_per_second = 0\nhandshake_burst = 0\nmax_tunnels = 0\nmax_tunnels_per_route = 2000000\ntracked_clients = 10\n");
+        assert_eq!(
+            errors(&text),
+            [
+                "t.toml:5:25: handshakes_per_second must be a positive number up to 1000000, e.g. 5 or 0.5",
+                "t.toml:6:19: handshake_burst must be between 1 and 1000000",
+                "t.toml:7:15: max_tunnels must be between 1 and 1000000",
+                "t.toml:8:25: max_tunnels_per_route must be between 1 and 1000000",
+                "t.toml:9:19: tracked_clients must be between 1024 and 16777216",
+            ]
+        );
+        let text = format!("{LISTENER}[limits.per_client]\nhandshake_burst = 10\n");
+        assert_eq!(
+            errors(&text),
+            ["t.toml:5:19: handshake_burst needs handshakes_per_second"]
         );
     }
 }

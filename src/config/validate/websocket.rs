@@ -37,7 +37,7 @@ impl Validator<'_> {
         }
     }
 
-    fn size(&mut self, raw: Option<Spanned<i64>>, what: &str) -> Option<u64> {
+    pub(super) fn size(&mut self, raw: Option<Spanned<i64>>, what: &str) -> Option<u64> {
         let raw = raw?;
         match u64::try_from(*raw.get_ref()) {
             Ok(bytes) if bytes > 0 => Some(bytes),

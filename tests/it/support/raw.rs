@@ -97,6 +97,14 @@ impl RawClient {
         }
     }
 
+    /// Connects from `local` (another loopback address, such as 127.0.0.2, is another client).
+    pub async fn connect_from(addr: SocketAddr, local: std::net::IpAddr) -> RawClient {
+        RawClient {
+            stream: connect_from(addr, local).await,
+            buf: Vec::new(),
+        }
+    }
+
     /// Writes all of `bytes` in one write call (one segment on loopback, for small writes).
     pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
         within(WAIT, self.stream.write_all(bytes.as_ref()))
@@ -224,6 +232,21 @@ impl RawClient {
             assert_eq!(self.read_exact(2).await, b"\r\n", "chunk terminator");
         }
     }
+}
+
+/// A TCP connection to `addr` from `local`, with TCP_NODELAY.
+async fn connect_from(addr: SocketAddr, local: std::net::IpAddr) -> TcpStream {
+    let socket = match local {
+        std::net::IpAddr::V4(_) => TcpSocket::new_v4(),
+        std::net::IpAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .expect("socket");
+    socket
+        .bind(SocketAddr::new(local, 0))
+        .expect("bind the client address");
+    let stream = within(WAIT, socket.connect(addr)).await.expect("connect");
+    let _ = stream.set_nodelay(true);
+    stream
 }
 
 /// Connects, sends `bytes`, and reads one response.
