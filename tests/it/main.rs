@@ -8,6 +8,7 @@ mod config;
 mod edge;
 mod errors;
 mod frames;
+mod haproxy;
 mod http;
 mod keepalive;
 mod logs;
