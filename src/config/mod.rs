@@ -119,6 +119,8 @@ pub struct Limits {
 pub struct PerClient {
     /// WebSocket handshakes; over it, 429 with `Retry-After`.
     pub handshakes: Option<Rate>,
+    /// Plain HTTP requests, in a bucket of their own; over it, 429 with `Retry-After`.
+    pub requests: Option<Rate>,
     /// Open tunnels across all routes.
     pub max_tunnels: Option<u32>,
     /// Open tunnels on any one route, unless the route sets its own.
@@ -131,6 +133,7 @@ impl Default for PerClient {
     fn default() -> Self {
         PerClient {
             handshakes: None,
+            requests: None,
             max_tunnels: None,
             max_tunnels_per_route: None,
             // About 100 bytes each: under 7 MiB when full.

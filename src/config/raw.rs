@@ -65,6 +65,9 @@ pub struct PerClient {
     /// An integer or a fraction, e.g. `0.5` for one every two seconds.
     pub handshakes_per_second: Option<Spanned<f64>>,
     pub handshake_burst: Option<Spanned<i64>>,
+    /// Plain HTTP requests, in a bucket of their own.
+    pub requests_per_second: Option<Spanned<f64>>,
+    pub request_burst: Option<Spanned<i64>>,
     pub max_tunnels: Option<Spanned<i64>>,
     pub max_tunnels_per_route: Option<Spanned<i64>>,
     pub tracked_clients: Option<Spanned<i64>>,

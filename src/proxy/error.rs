@@ -36,6 +36,8 @@ pub enum ProxyError {
     NoSubprotocol,
     #[error("too many WebSocket handshakes from this client; retry in {}s", retry_after.as_secs())]
     HandshakeRate { retry_after: std::time::Duration },
+    #[error("too many requests from this client; retry in {}s", retry_after.as_secs())]
+    RequestRate { retry_after: std::time::Duration },
     #[error("request body is over the route's limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("too many open WebSockets from this client")]
@@ -73,9 +75,9 @@ impl ProxyError {
             ProxyError::Origin(_) => StatusCode::FORBIDDEN,
             ProxyError::NoSubprotocol => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::HandshakeRate { .. } | ProxyError::Tunnels(_) => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ProxyError::HandshakeRate { .. }
+            | ProxyError::RequestRate { .. }
+            | ProxyError::Tunnels(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Upstream { source, .. } => match source {
                 err if err.is_body_too_large() => StatusCode::PAYLOAD_TOO_LARGE,
                 upstream::Error::ConnectTimeout { .. }
@@ -153,7 +155,7 @@ pub fn respond(err: ProxyError, labels: &RequestLabels<'_>) -> Response<ProxyBod
             headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         }
         // RFC 6585 §4: when the client may try again.
-        ProxyError::HandshakeRate { retry_after } => {
+        ProxyError::HandshakeRate { retry_after } | ProxyError::RequestRate { retry_after } => {
             headers.insert(RETRY_AFTER, HeaderValue::from(retry_after.as_secs()));
         }
         // RFC 9110 §15.5.6: a 405 lists what is allowed.

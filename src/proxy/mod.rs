@@ -56,6 +56,8 @@ pub struct Proxy {
     current: Current,
     /// Per-client-address state; outlives snapshots, so a reload resets no count.
     limiter: Arc<policy::ClientLimiter>,
+    /// Plain requests' tokens, apart from the handshakes' so that neither drains the other.
+    request_limiter: Arc<policy::ClientLimiter>,
     /// Upgraded connections leave hyper's sight; they are counted here for the drain.
     tunnels: Tracker,
     /// Fired when the drain period is over: every tunnel closes at once.
@@ -106,6 +108,7 @@ impl Proxy {
     ) -> Proxy {
         Proxy {
             current,
+            request_limiter: policy::ClientLimiter::new(limiter.capacity()),
             limiter,
             tunnels,
             close_tunnels,
@@ -241,7 +244,10 @@ impl Proxy {
         // Taken before the backend is contacted; dropped with the request if no tunnel opens.
         let client_guard = match protocol {
             Some(_) => self.admit_tunnel(snapshot, route, facts.client.ip())?,
-            None => None,
+            None => {
+                self.admit_request(snapshot, facts.client.ip())?;
+                None
+            }
         };
         // An HTTP/2 stream becomes an HTTP/1.1 handshake upstream, with a key of our own.
         let bridged_key = (protocol == Some(Protocol::WebSocketOverH2)).then(|| {
@@ -362,6 +368,26 @@ impl Proxy {
             headers::to_downstream(&mut parts.headers, true);
         }
         Ok((Response::from_parts(parts, ProxyBody::empty()), server))
+    }
+
+    /// A plain request of `client` spends a token of its own bucket.
+    fn admit_request(
+        &self,
+        snapshot: &Snapshot,
+        client: std::net::IpAddr,
+    ) -> Result<(), ProxyError> {
+        let Some(rate) = snapshot.per_client.requests else {
+            return Ok(());
+        };
+        match self
+            .request_limiter
+            .admit(client, rate, Instant::now().into_std())
+        {
+            policy::Admission::Allowed => Ok(()),
+            policy::Admission::Limited { retry_after } => {
+                Err(ProxyError::RequestRate { retry_after })
+            }
+        }
     }
 
     /// A handshake of `client` spends a token and, when tunnels are limited, counts a tunnel.

@@ -385,6 +385,46 @@ async fn handshakes_over_the_rate_get_429_with_retry_after_while_another_client_
 }
 
 #[tokio::test]
+async fn requests_over_the_rate_get_429_with_retry_after_while_another_client_is_served() {
+    let backend = HttpBackend::start("a").await;
+    // Plain requests have their own bucket: one token per 10 s, two at once.
+    let config = limits_config(
+        "requests_per_second = 0.1\nrequest_burst = 2\nhandshakes_per_second = 100",
+        backend.addr,
+    );
+    let gw = TestGateway::start(&config).await;
+    let get =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
+    for _ in 0..2 {
+        let mut client = RawClient::connect_from(gw.addr, LOCAL).await;
+        client.send(get("/two")).await;
+        assert_eq!(client.read_response().await.status(), 200);
+    }
+    let mut client = RawClient::connect_from(gw.addr, LOCAL).await;
+    client.send(get("/two/over")).await;
+    let refused = client.read_response().await;
+    assert_eq!(refused.status(), 429, "{}", refused.head.raw);
+    let retry: u64 = refused
+        .head
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
+    assert!((1..=10).contains(&retry), "Retry-After: {retry}");
+    assert!(
+        backend.requests().iter().all(|r| r.uri != "/two/over"),
+        "the refused request reached the backend"
+    );
+    let mut other = RawClient::connect_from(gw.addr, SECOND_CLIENT).await;
+    other.send(get("/two")).await;
+    assert_eq!(
+        other.read_response().await.status(),
+        200,
+        "another client address has its own bucket"
+    );
+}
+
+#[tokio::test]
 async fn open_tunnels_per_client_are_limited_per_route_and_in_total() {
     let backend = WsBackend::start("ws").await;
     let gw = TestGateway::start(&limits_config("max_tunnels = 2", backend.addr)).await;

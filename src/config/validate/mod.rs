@@ -207,36 +207,19 @@ impl Validator<'_> {
 
     fn per_client(&mut self, raw: raw::PerClient) -> PerClient {
         let default = PerClient::default();
-        let burst = self.count(raw.handshake_burst.clone(), "handshake_burst");
-        let handshakes = match raw.handshakes_per_second {
-            None => {
-                if let Some(burst) = &raw.handshake_burst {
-                    self.error(
-                        burst.span(),
-                        "handshake_burst needs handshakes_per_second".to_owned(),
-                    );
-                }
-                None
-            }
-            Some(rate) if *rate.get_ref() > 0.0 && *rate.get_ref() <= MAX_COUNT as f64 => {
-                let per_second = *rate.get_ref();
-                Some(Rate {
-                    interval: Duration::from_secs_f64(1.0 / per_second),
-                    // One second's worth by default, and at least one.
-                    burst: NonZeroU32::new(burst.unwrap_or(per_second.ceil() as u32))
-                        .unwrap_or(NonZeroU32::MIN),
-                })
-            }
-            Some(rate) => {
-                self.error(
-                    rate.span(),
-                    format!("handshakes_per_second must be a positive number up to {MAX_COUNT}, e.g. 5 or 0.5"),
-                );
-                None
-            }
-        };
+        let handshakes = self.rate(
+            raw.handshakes_per_second,
+            raw.handshake_burst,
+            ("handshakes_per_second", "handshake_burst"),
+        );
+        let requests = self.rate(
+            raw.requests_per_second,
+            raw.request_burst,
+            ("requests_per_second", "request_burst"),
+        );
         PerClient {
             handshakes,
+            requests,
             max_tunnels: self.count(raw.max_tunnels, "max_tunnels"),
             max_tunnels_per_route: self.count(raw.max_tunnels_per_route, "max_tunnels_per_route"),
             tracked_clients: self.bounded(
@@ -248,6 +231,42 @@ impl Validator<'_> {
         }
     }
 
+    /// A token bucket from `<what>_per_second` and its burst (`keys`).
+    fn rate(
+        &mut self,
+        per_second: Option<Spanned<f64>>,
+        burst: Option<Spanned<i64>>,
+        keys: (&str, &str),
+    ) -> Option<Rate> {
+        let (rate_key, burst_key) = keys;
+        let depth = self.count(burst.clone(), burst_key);
+        match per_second {
+            None => {
+                if let Some(burst) = &burst {
+                    self.error(burst.span(), format!("{burst_key} needs {rate_key}"));
+                }
+                None
+            }
+            Some(rate) if *rate.get_ref() > 0.0 && *rate.get_ref() <= MAX_COUNT as f64 => {
+                let per_second = *rate.get_ref();
+                Some(Rate {
+                    interval: Duration::from_secs_f64(1.0 / per_second),
+                    // One second's worth by default, and at least one.
+                    burst: NonZeroU32::new(depth.unwrap_or(per_second.ceil() as u32))
+                        .unwrap_or(NonZeroU32::MIN),
+                })
+            }
+            Some(rate) => {
+                self.error(
+                    rate.span(),
+                    format!(
+                        "{rate_key} must be a positive number up to {MAX_COUNT}, e.g. 5 or 0.5"
+                    ),
+                );
+                None
+            }
+        }
+    }
     fn bounded(
         &mut self,
         raw: Option<Spanned<i64>>,
@@ -371,6 +390,20 @@ mod tests {
             .handshakes
             .unwrap();
         assert_eq!(rate.burst.get(), 1, "never less than one");
+
+        let text = format!(
+            "{LISTENER}[limits.per_client]\nrequests_per_second = 50\nrequest_burst = 200\n"
+        );
+        let per_client = validate(&text, "t.toml").unwrap().limits.per_client;
+        let rate = per_client.requests.unwrap();
+        assert_eq!(rate.interval, Duration::from_millis(20));
+        assert_eq!(rate.burst.get(), 200);
+        assert_eq!(per_client.handshakes, None, "a bucket of its own");
+        let text = format!("{LISTENER}[limits.per_client]\nrequest_burst = 2\n");
+        assert_eq!(
+            errors(&text),
+            ["t.toml:5:17: request_burst needs requests_per_second"]
+        );
 
         let unset = validate(LISTENER, "t.toml").unwrap().limits.per_client;
         assert_eq!(unset, PerClient::default());
