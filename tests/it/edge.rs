@@ -340,6 +340,16 @@ fn limits_config(limits: &str, backend: SocketAddr) -> String {
     )
 }
 
+/// A bucket of one token per 10 s was empty: whole seconds until the next, 1 to 10.
+fn assert_retry_after_within_10_s(head: &raw::Head) {
+    let retry: u64 = head
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("whole seconds");
+    assert!((1..=10).contains(&retry), "Retry-After: {retry}");
+}
+
 /// A handshake for `path` from `from`; the connection is returned open (a tunnel, on 101).
 async fn open_handshake(gw: &TestGateway, from: IpAddr, path: &str) -> (raw::Head, RawClient) {
     let mut client = RawClient::connect_from(gw.addr, from).await;
@@ -366,12 +376,7 @@ async fn handshakes_over_the_rate_get_429_with_retry_after_while_another_client_
     }
     let (head, _) = open_handshake(&gw, LOCAL, "/two").await;
     assert_eq!(head.status, 429);
-    let retry: u64 = head
-        .header("retry-after")
-        .expect("Retry-After")
-        .parse()
-        .unwrap();
-    assert!((1..=10).contains(&retry), "Retry-After: {retry}");
+    assert_retry_after_within_10_s(&head);
     // Plain HTTP does not spend handshake tokens.
     let mut client = RawClient::connect(gw.addr).await;
     client.send(GET).await;
@@ -404,13 +409,7 @@ async fn requests_over_the_rate_get_429_with_retry_after_while_another_client_is
     client.send(get("/two/over")).await;
     let refused = client.read_response().await;
     assert_eq!(refused.status(), 429, "{}", refused.head.raw);
-    let retry: u64 = refused
-        .head
-        .header("retry-after")
-        .expect("Retry-After")
-        .parse()
-        .unwrap();
-    assert!((1..=10).contains(&retry), "Retry-After: {retry}");
+    assert_retry_after_within_10_s(&refused.head);
     assert!(
         backend.requests().iter().all(|r| r.uri != "/two/over"),
         "the refused request reached the backend"
