@@ -242,3 +242,62 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_replay_is_read_before_the_socket_and_counts_as_read_ahead() {
+        let (ours, mut peer) = tokio::io::duplex(64);
+        let activity = Arc::new(Activity::default());
+        let mut io = ClientIo::new(ours, activity.clone());
+        let open = activity.request_started(false);
+        io.replay(Bytes::from_static(b"GET /next"));
+        assert!(io.has_replay());
+        peer.write_all(b" HTTP/1.1").await.unwrap();
+        let mut got = vec![0; 18];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, b"GET /next HTTP/1.1");
+        assert!(!io.has_replay());
+        drop(open);
+        assert!(!activity.is_idle(), "bytes of the next request are in hand");
+        let (_, rest) = io.into_parts(Bytes::from_static(b"hyper's"));
+        assert_eq!(rest, Bytes::from_static(b"hyper's"));
+    }
+
+    #[tokio::test]
+    async fn idle_means_no_open_request_no_body_nothing_read_ahead_and_all_flushed() {
+        let (ours, _peer) = tokio::io::duplex(64);
+        let activity = Arc::new(Activity::default());
+        let mut io = ClientIo::new(ours, activity.clone());
+        assert!(activity.is_idle());
+        let open = activity.request_started(true);
+        assert!(!activity.is_idle(), "a request is open");
+        drop(open);
+        assert!(!activity.is_idle(), "its body may still be unread");
+        let open = activity.request_started(false);
+        io.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        drop(open);
+        assert!(!activity.is_idle(), "written, not flushed");
+        io.flush().await.unwrap();
+        assert!(activity.is_idle());
+        assert_eq!(activity.requests(), 2);
+    }
+
+    #[test]
+    fn joining_never_keeps_an_empty_slice_of_a_larger_buffer() {
+        let buffer = Bytes::from(vec![7u8; 8192]);
+        let end_of_buffer = buffer[8192..].as_ptr();
+        let joined = join(buffer.slice(8192..), Bytes::new());
+        assert!(joined.is_empty());
+        assert_ne!(
+            joined.as_ptr(),
+            end_of_buffer,
+            "an empty slice of the buffer, which would keep all of it alive"
+        );
+        let joined = join(Bytes::from_static(b"ab"), Bytes::from_static(b"cd"));
+        assert_eq!(joined, Bytes::from_static(b"abcd"));
+    }
+}
