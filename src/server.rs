@@ -368,6 +368,7 @@ impl Server {
         let connections = Tracker::default();
         let (stop_watching, watch_signal) = shutdown::channel();
         tokio::spawn(self.certificates.clone().watch(watch_signal));
+        self.current.load().start_health_checks();
         let mut running = HashMap::new();
         for listener in std::mem::take(&mut self.listeners) {
             let config = self
@@ -509,6 +510,9 @@ impl Server {
         }
         self.certificates.replace(&config, &terminators);
         self.current.store(Arc::new(snapshot));
+        // Health state lives in the servers, which carry over; only the checking moves.
+        previous.stop_health_checks();
+        self.current.load().start_health_checks();
 
         // Servers the new snapshot no longer has get no new requests; their tunnels close.
         let current = self.current.load();

@@ -40,7 +40,7 @@ impl Snapshot {
             .iter()
             .map(|upstream| {
                 let before = previous.and_then(|p| p.upstream(&upstream.name));
-                UpstreamGroup::new(upstream, before)
+                UpstreamGroup::new(upstream, before, config.reload.close_spread)
             })
             .collect::<Result<_, _>>()?;
         Ok(Snapshot {
@@ -60,6 +60,21 @@ impl Snapshot {
                 })
                 .collect(),
         })
+    }
+
+    /// Starts the upstreams' active health checks (needs a Tokio runtime); a snapshot that is
+    /// only validated never checks anyone.
+    pub fn start_health_checks(&self) {
+        self.upstreams
+            .iter()
+            .for_each(UpstreamGroup::start_health_checks);
+    }
+
+    /// The snapshot was replaced: its successor checks the servers now.
+    pub fn stop_health_checks(&self) {
+        self.upstreams
+            .iter()
+            .for_each(UpstreamGroup::stop_health_checks);
     }
 
     pub fn upstream(&self, name: &str) -> Option<&UpstreamGroup> {

@@ -392,6 +392,53 @@ pub struct Upstream {
     pub servers: Vec<Server>,
     /// How `https://` servers are verified and what we present to them.
     pub tls: UpstreamTls,
+    /// A cookie that pins a client to the server that first answered it.
+    pub sticky: Option<Sticky>,
+    pub health: Option<HealthCheck>,
+    pub passive: Option<Passive>,
+    /// Close the tunnels of a server that turns unhealthy (1012, spread like a removal's).
+    pub close_tunnels_on_unhealthy: bool,
+}
+
+/// `sticky = { cookie, secret }`. The secret keys the tokens, so that a client cannot name a
+/// server it was not given, and every instance sharing it recognises the others' cookies.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Sticky {
+    pub cookie: String,
+    pub secret: Vec<u8>,
+}
+
+impl fmt::Debug for Sticky {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sticky")
+            .field("cookie", &self.cookie)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[upstream.health]`: active checks of every server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: http::uri::PathAndQuery,
+    /// Check with a WebSocket handshake (expecting 101) instead of a GET.
+    pub websocket: bool,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive passes that bring a down server back, and failures that take it down.
+    pub rise: u32,
+    pub fall: u32,
+    /// The statuses a GET check passes with.
+    pub status: std::ops::RangeInclusive<u16>,
+    /// The check's `Host`; the server's own address when absent.
+    pub host: Option<http::HeaderValue>,
+}
+
+/// `[upstream.passive]`: `fail` consecutive connect failures or 5xx answers eject a server
+/// for `eject`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Passive {
+    pub fail: u32,
+    pub eject: Duration,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -404,11 +451,23 @@ pub struct UpstreamTls {
     pub client: Option<CertificateFiles>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Balance {
     RoundRobin,
     /// Fewest open requests plus tunnels, relative to weight.
     LeastConnections,
+    /// Weighted rendezvous hashing of what the key names; least connections without it.
+    Hash(HashKey),
+}
+
+/// What a request is hashed by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// The client's IP address (after PROXY protocol and trusted forwarding headers).
+    ClientAddress,
+    Header(http::HeaderName),
+    Cookie(String),
+    Query(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -188,6 +188,40 @@ pub struct Upstream {
     pub balance: Option<Spanned<String>>,
     pub servers: Spanned<Vec<Server>>,
     pub tls: Option<UpstreamTls>,
+    pub hash_key: Option<Spanned<String>>,
+    pub sticky: Option<Spanned<Sticky>>,
+    pub health: Option<Spanned<HealthCheck>>,
+    pub passive: Option<Passive>,
+    #[serde(default)]
+    pub close_tunnels_on_unhealthy: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sticky {
+    pub cookie: Spanned<String>,
+    pub secret: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub path: Option<Spanned<String>>,
+    #[serde(default)]
+    pub websocket: bool,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub rise: Option<Spanned<i64>>,
+    pub fall: Option<Spanned<i64>>,
+    pub status: Option<Spanned<String>>,
+    pub host: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Passive {
+    pub fail: Option<Spanned<i64>>,
+    pub eject: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

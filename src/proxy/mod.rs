@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use http::header::{
     HeaderValue, CONTENT_TYPE, HOST, LOCATION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
-    SEC_WEBSOCKET_PROTOCOL, STRICT_TRANSPORT_SECURITY, UPGRADE,
+    SEC_WEBSOCKET_PROTOCOL, SET_COOKIE, STRICT_TRANSPORT_SECURITY, UPGRADE,
 };
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -280,7 +280,11 @@ impl Proxy {
             upstream_response_header: route.timeouts.upstream_response_header,
             ..snapshot.timeouts
         };
-        let mut lease = upstream.connect(&timeouts).await.map_err(upstream_failed)?;
+        let affinity = upstream.affinity(request.headers(), request.uri(), facts.client.ip());
+        let mut lease = upstream
+            .connect(&timeouts, &affinity)
+            .await
+            .map_err(upstream_failed)?;
         let mut response = match bridged_key {
             // The CONNECT stream's body is the tunnel itself, not a request body.
             Some(_) => lease.send_bodyless(request.map(drop)).await,
@@ -288,6 +292,12 @@ impl Proxy {
         }
         .map_err(upstream_failed)?;
         let server = Some(lease.endpoint().clone());
+        // On a 101 too: a client that upgrades at once must still come back to this server.
+        if let Some(cookie) =
+            upstream.sticky_cookie(&affinity, lease.endpoint(), conn.tls.is_some())
+        {
+            response.headers_mut().append(SET_COOKIE, cookie.clone());
+        }
 
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             let (mut parts, body) = response.into_parts();

@@ -1,18 +1,22 @@
-//! Upstream groups: pick a server, connect first (failing over while nothing has been sent),
-//! then send through a `Lease` that counts the server's open requests and tunnels.
+//! Upstream groups: pick a server (by policy, key or sticky cookie, among the healthy ones),
+//! connect first (failing over while nothing has been sent), then send through a `Lease` that
+//! counts the server's open requests and tunnels.
 
+pub mod affinity;
 pub mod balance;
+pub mod health;
 pub mod pool;
 
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
@@ -23,10 +27,13 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{self, Balance, ServerAddress, Timeouts};
+use crate::config::{self, Balance, Passive, ServerAddress, Timeouts};
 use crate::shutdown::{self, Signal, Trigger};
 use crate::telemetry::error_chain;
 use crate::tls;
+pub use affinity::Affinity;
+use affinity::StickyCookie;
+use health::{Change, Checks, Health};
 use pool::Pool;
 
 #[derive(Debug, thiserror::Error)]
@@ -88,9 +95,17 @@ pub struct UpstreamGroup {
     /// Round robin order over `endpoints`, weighted.
     sequence: Vec<usize>,
     next: AtomicUsize,
+    /// Each server's hash (of its configured address) and weight, for rendezvous hashing.
+    rendezvous: Vec<(u64, u32)>,
+    sticky: Option<StickyCookie>,
+    passive: Option<Passive>,
+    health: Option<Arc<config::HealthCheck>>,
+    /// The window over which a server's tunnels close when it turns unhealthy, if they do.
+    close_tunnels_on_unhealthy: Option<Duration>,
+    checks: Checks,
 }
 
-/// One server of a group, with its live counters and idle connections.
+/// One server of a group, with its live counters, health and idle connections.
 #[derive(Debug)]
 pub struct Endpoint {
     address: ServerAddress,
@@ -98,13 +113,17 @@ pub struct Endpoint {
     tls: Option<Tls>,
     /// The address as configured, for logs and error pages.
     pub label: Arc<str>,
+    /// The group's name, for logs.
+    upstream: Arc<str>,
     /// Leases alive: requests in flight plus open tunnels.
     active: AtomicUsize,
     tunnels: AtomicUsize,
+    pub health: Health,
     pool: Pool<RequestBody>,
-    /// Fired by a reload that removed the server, with the window (in milliseconds) over
-    /// which its tunnels close.
-    retired: Trigger,
+    /// Fired when the server's tunnels are to close (a reload removed the server, or it went
+    /// unhealthy), with the window in milliseconds over which they do. Replaced after firing
+    /// for unhealthiness, so that tunnels opened once it is back wait on a fresh one.
+    retired: Mutex<Trigger>,
 }
 
 /// The connector and the name a TLS server is sent (SNI) and verified against.
@@ -135,12 +154,25 @@ impl Endpoint {
     /// The server left the configuration: its tunnels close at random moments within
     /// `spread`, so that their clients do not all reconnect at once.
     pub fn retire(&self, spread: Duration) {
-        self.retired.fire_with(spread.as_millis() as u64);
+        self.retirement_trigger()
+            .fire_with(spread.as_millis() as u64);
+    }
+
+    /// The server turned unhealthy: the tunnels open now close as on `retire`; later ones
+    /// (once it is back) do not.
+    pub fn close_tunnels(&self, spread: Duration) {
+        let fresh = shutdown::channel().0;
+        let fired = std::mem::replace(&mut *self.retirement_trigger(), fresh);
+        fired.fire_with(spread.as_millis() as u64);
     }
 
     /// What a tunnel on this server waits on for its retirement.
     pub fn retirement(&self) -> Signal {
-        self.retired.signal()
+        self.retirement_trigger().signal()
+    }
+
+    fn retirement_trigger(&self) -> std::sync::MutexGuard<'_, Trigger> {
+        self.retired.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn connect(&self, after: Duration) -> Result<SendRequest<RequestBody>, Error> {
@@ -224,9 +256,11 @@ impl UpstreamGroup {
     /// `previous`: the group of the same name in the snapshot being replaced. A server it had
     /// (same address, reached the same way) is carried over with its pool and counters, so that
     /// least-connections still counts the tunnels opened before a reload.
+    /// `close_spread`: the window over which a server's tunnels close when it goes.
     pub fn new(
         config: &config::Upstream,
         previous: Option<&UpstreamGroup>,
+        close_spread: Duration,
     ) -> Result<UpstreamGroup, SetupError> {
         let weights: Vec<u32> = config.servers.iter().map(|s| s.weight).collect();
         let kept = |server: &config::Server| {
@@ -269,20 +303,36 @@ impl UpstreamGroup {
                 .into(),
                 address: server.address.clone(),
                 tls,
+                upstream: config.name.as_str().into(),
                 active: AtomicUsize::new(0),
                 tunnels: AtomicUsize::new(0),
+                health: Health::new(),
                 pool: Pool::default(),
-                retired: shutdown::channel().0,
+                retired: Mutex::new(shutdown::channel().0),
             }));
         }
+        let rendezvous = endpoints
+            .iter()
+            .zip(&weights)
+            .map(|(e, &w)| (balance::stable_hash(e.label.as_bytes()), w))
+            .collect();
         Ok(UpstreamGroup {
             name: config.name.as_str().into(),
-            balance: config.balance,
+            balance: config.balance.clone(),
             tls: config.tls.clone(),
+            sticky: config
+                .sticky
+                .as_ref()
+                .map(|sticky| StickyCookie::new(sticky, endpoints.iter().map(|e| &*e.label))),
             endpoints,
             sequence: balance::smooth_weighted_sequence(&weights),
             weights,
             next: AtomicUsize::new(0),
+            rendezvous,
+            passive: config.passive,
+            health: config.health.clone().map(Arc::new),
+            close_tunnels_on_unhealthy: config.close_tunnels_on_unhealthy.then_some(close_spread),
+            checks: Checks::default(),
         })
     }
 
@@ -290,40 +340,145 @@ impl UpstreamGroup {
         &self.endpoints
     }
 
-    fn pick(&self) -> usize {
+    /// Starts the active health checks, if configured: a task per server, until
+    /// `stop_health_checks` or the group's drop. Needs a Tokio runtime.
+    pub fn start_health_checks(&self) {
+        let Some(check) = &self.health else { return };
+        let plan = health::CheckPlan {
+            upstream: self.name.clone(),
+            check: check.clone(),
+            close_tunnels: self.close_tunnels_on_unhealthy,
+        };
+        let tasks = self
+            .endpoints
+            .iter()
+            .map(|endpoint| {
+                tokio::spawn(health::run(Arc::downgrade(endpoint), plan.clone())).abort_handle()
+            })
+            .collect();
+        self.checks.replace(tasks);
+    }
+
+    pub fn stop_health_checks(&self) {
+        self.checks.stop();
+    }
+
+    /// What the request says about its server: its hash key and sticky cookie, where the
+    /// upstream uses them.
+    pub fn affinity(&self, headers: &HeaderMap, uri: &Uri, client: IpAddr) -> Affinity {
+        Affinity {
+            key: match &self.balance {
+                Balance::Hash(key) => affinity::hash_of(key, headers, uri, client),
+                _ => None,
+            },
+            pinned: self.sticky.as_ref().and_then(|s| s.pinned(headers)),
+        }
+    }
+
+    /// The `Set-Cookie` that pins the client to `server`, unless its cookie already does.
+    pub fn sticky_cookie(
+        &self,
+        affinity: &Affinity,
+        server: &Arc<Endpoint>,
+        tls: bool,
+    ) -> Option<&HeaderValue> {
+        let sticky = self.sticky.as_ref()?;
+        let index = self.endpoints.iter().position(|e| Arc::ptr_eq(e, server))?;
+        (affinity.pinned != Some(index)).then(|| sticky.set_cookie(index, tls))
+    }
+
+    fn usable(&self, i: usize) -> bool {
+        self.endpoints[i].health.is_usable()
+    }
+
+    /// The server to try first: the sticky one, then the key's owner or the policy's pick,
+    /// among usable servers; among all when none is usable (fail open).
+    fn first_choice(&self, affinity: &Affinity) -> usize {
+        if let Some(pinned) = affinity.pinned.filter(|&i| self.usable(i)) {
+            return pinned;
+        }
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        match self.balance {
-            Balance::RoundRobin => self.sequence[turn % self.sequence.len()],
-            Balance::LeastConnections => {
-                let active: Vec<usize> = self.endpoints.iter().map(|e| e.active()).collect();
-                balance::least_loaded(&active, &self.weights, turn)
+        let n = self.endpoints.len();
+        match (&self.balance, affinity.key) {
+            (Balance::Hash(_), Some(key)) => {
+                let best = |only_usable: bool| {
+                    (0..n)
+                        .filter(|&i| !only_usable || self.usable(i))
+                        .map(|i| {
+                            let (server, weight) = self.rendezvous[i];
+                            (balance::rendezvous_score(key, server, weight), i)
+                        })
+                        .max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)))
+                        .map(|(_, i)| i)
+                };
+                best(true).or_else(|| best(false)).unwrap_or(0)
+            }
+            (Balance::RoundRobin, _) => {
+                let len = self.sequence.len();
+                (0..len)
+                    .map(|step| self.sequence[(turn + step) % len])
+                    .find(|&i| self.usable(i))
+                    .unwrap_or(self.sequence[turn % len])
+            }
+            // Least connections, and hashing for a request without its key.
+            _ => {
+                let load = |only_usable: bool| {
+                    move |i: usize| {
+                        (!only_usable || self.usable(i))
+                            .then(|| (self.endpoints[i].active(), self.weights[i]))
+                    }
+                };
+                balance::least_loaded(n, turn, load(true))
+                    .or_else(|| balance::least_loaded(n, turn, load(false)))
+                    .unwrap_or(0)
             }
         }
+    }
+
+    /// Where to go after `first` failed: the key's hash order, or around the group; usable
+    /// servers before the others.
+    fn fallbacks(&self, affinity: &Affinity, first: usize) -> Vec<usize> {
+        let n = self.endpoints.len();
+        let mut order: Vec<usize> = match (&self.balance, affinity.key) {
+            (Balance::Hash(_), Some(key)) => balance::rendezvous_order(key, &self.rendezvous),
+            _ => (1..n).map(|offset| (first + offset) % n).collect(),
+        };
+        order.retain(|&i| i != first);
+        // Stable: each part keeps its order.
+        order.sort_by_key(|&i| !self.usable(i));
+        order
     }
 
     /// A lease on a connected server. A server that cannot be connected to is skipped for the
     /// next one: nothing has been sent yet, so any method may fail over. The last error is
     /// returned when every server failed.
-    pub async fn connect(&self, timeouts: &Timeouts) -> Result<Lease, Error> {
-        let first = self.pick();
-        let count = self.endpoints.len();
-        let mut offset = 0;
-        loop {
-            let endpoint = &self.endpoints[(first + offset) % count];
+    pub async fn connect(&self, timeouts: &Timeouts, affinity: &Affinity) -> Result<Lease, Error> {
+        let first = self.first_choice(affinity);
+        let mut rest: Option<std::vec::IntoIter<usize>> = None;
+        let mut next = Some(first);
+        while let Some(i) = next {
+            let endpoint = &self.endpoints[i];
             // Counted before connecting, so concurrent least-connections picks see it.
-            let mut lease = Lease::new(endpoint.clone(), timeouts);
-            match lease.checkout().await {
+            let mut lease = Lease::new(endpoint.clone(), timeouts, self.passive);
+            let err = match lease.checkout().await {
                 Ok(()) => return Ok(lease),
-                Err(err) if offset + 1 < count => tracing::warn!(
+                Err(err) => err,
+            };
+            lease.judge_failure();
+            // Built only once the first choice failed: the common path allocates nothing.
+            let rest = rest.get_or_insert_with(|| self.fallbacks(affinity, first).into_iter());
+            next = rest.next();
+            match next {
+                Some(_) => tracing::warn!(
                     upstream = %self.name,
                     server = %endpoint.label,
                     error = %error_chain(&err),
                     "upstream server failed, trying the next one"
                 ),
-                Err(err) => return Err(err),
+                None => return Err(err),
             }
-            offset += 1;
         }
+        unreachable!("the loop returns on its last server")
     }
 }
 
@@ -348,6 +503,8 @@ pub struct Lease {
     sender: Option<SendRequest<RequestBody>>,
     reused: bool,
     timeouts: Timeouts,
+    /// The group's passive ejection rule, applied to how this exchange ends.
+    passive: Option<Passive>,
 }
 
 /// A lease that became a tunnel: one pointer, since it lives in every open WebSocket. It counts
@@ -371,13 +528,41 @@ impl Drop for TunnelLease {
 }
 
 impl Lease {
-    fn new(endpoint: Arc<Endpoint>, timeouts: &Timeouts) -> Lease {
+    fn new(endpoint: Arc<Endpoint>, timeouts: &Timeouts, passive: Option<Passive>) -> Lease {
         endpoint.active.fetch_add(1, Ordering::Relaxed);
         Lease {
             endpoint,
             sender: None,
             reused: false,
             timeouts: *timeouts,
+            passive,
+        }
+    }
+
+    /// A connect failure, a timeout or a 5xx: one more towards the server's ejection.
+    fn judge_failure(&self) {
+        let Some(passive) = &self.passive else { return };
+        if self.endpoint.health.failed(passive) == Change::Ejected {
+            tracing::warn!(
+                upstream = %self.endpoint.upstream,
+                server = %self.endpoint.label,
+                failures = passive.fail,
+                eject_s = passive.eject.as_secs_f64(),
+                "upstream server ejected after failures in a row"
+            );
+        }
+    }
+
+    fn judge_answer(&self, status: http::StatusCode) {
+        let Some(_) = &self.passive else { return };
+        if status.is_server_error() {
+            self.judge_failure();
+        } else if self.endpoint.health.answered() == Change::Recovered {
+            tracing::info!(
+                upstream = %self.endpoint.upstream,
+                server = %self.endpoint.label,
+                "upstream server answers again after its ejection"
+            );
         }
     }
 
@@ -425,6 +610,21 @@ impl Lease {
     }
 
     async fn send_body(
+        &mut self,
+        request: Request<Option<Incoming>>,
+        max_body: Option<u64>,
+    ) -> Result<Response<Incoming>, Error> {
+        let result = self.exchange(request, max_body).await;
+        match &result {
+            Ok(response) => self.judge_answer(response.status()),
+            // The client's own body failing says nothing about the server.
+            Err(err) if !err.is_client_body() => self.judge_failure(),
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn exchange(
         &mut self,
         request: Request<Option<Incoming>>,
         max_body: Option<u64>,

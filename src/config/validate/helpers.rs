@@ -170,7 +170,7 @@ mod tests {
                 "t.toml:6:15: unknown unknown_sni \"ignore\" (known: default, refuse)",
                 "t.toml:7:15: unsupported min_version \"1.1\" (known: \"1.2\", \"1.3\")",
                 "t.toml:9:15: unknown client_auth \"maybe\" (known: required, optional)",
-                "t.toml:12:11: upstream \"app\": unknown balance \"random\" (known: least_connections, round_robin)",
+                "t.toml:12:11: upstream \"app\": unknown balance \"random\" (known: hash, least_connections, round_robin)",
             ]
         );
     }
