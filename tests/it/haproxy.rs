@@ -1,9 +1,9 @@
 //! wsgate behind a real HAProxy in TCP mode, the way an L4 balancer fronts it: HAProxy sends a
-//! PROXY v1 or v2 header, and the client address HAProxy saw (127.0.0.2 here, not HAProxy's own
-//! 127.0.0.1) is the one the backend is told. `.ci/run` installs Debian's haproxy; without
-//! /usr/sbin/haproxy the tests print `SKIP haproxy test: ...` and pass.
+//! PROXY v1 or v2 header, and the client address HAProxy saw (::1 here: HAProxy binds [::1] and
+//! reaches wsgate from its own 127.0.0.1) is the one the backend is told. `.ci/run` installs
+//! Debian's haproxy; without /usr/sbin/haproxy the tests print `SKIP haproxy test: ...` and pass.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
@@ -16,7 +16,6 @@ use crate::support::ws::WsBackend;
 use crate::support::*;
 
 const HAPROXY: &str = "/usr/sbin/haproxy";
-const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
 /// HAProxy in the foreground, killed when dropped.
 struct Haproxy {
@@ -40,14 +39,14 @@ fn installed() -> bool {
     there
 }
 
-/// HAProxy on a free loopback port, forwarding every connection to `gateway` with
+/// HAProxy on a free [::1] port, forwarding every connection to `gateway` with
 /// `send_proxy` (`send-proxy` for v1, `send-proxy-v2`).
 async fn haproxy_in_front(gateway: SocketAddr, send_proxy: &str) -> Haproxy {
     let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let probe = std::net::TcpListener::bind("[::1]:0").expect("a free port");
         probe.local_addr().expect("its address").port()
     };
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let addr: SocketAddr = (Ipv6Addr::LOCALHOST, port).into();
     let config = TempFile::new(
         "haproxy.cfg",
         &format!(
@@ -92,7 +91,7 @@ async fn behind_haproxy_the_backend_sees_the_client_haproxy_saw_with_v1_and_v2()
     let gw = TestGateway::start(&behind_haproxy(&proxy_config(&[backend.addr]))).await;
     for send_proxy in ["send-proxy", "send-proxy-v2"] {
         let haproxy = haproxy_in_front(gw.addr, send_proxy).await;
-        let mut client = RawClient::connect_from(haproxy.addr, CLIENT).await;
+        let mut client = RawClient::connect(haproxy.addr).await;
         client
             .send("GET /through-haproxy HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
             .await;
@@ -104,14 +103,11 @@ async fn behind_haproxy_the_backend_sees_the_client_haproxy_saw_with_v1_and_v2()
             response.head.raw
         );
         let seen = backend.next_request().await;
-        assert_eq!(
-            seen.header("x-forwarded-for"),
-            Some("127.0.0.2"),
-            "{send_proxy}"
-        );
+        assert_eq!(seen.header("x-forwarded-for"), Some("::1"), "{send_proxy}");
+        // RFC 7239 §6: an IPv6 node is bracketed and quoted.
         assert_eq!(
             seen.header("forwarded"),
-            Some("for=127.0.0.2;host=app.test;proto=http"),
+            Some("for=\"[::1]\";host=app.test;proto=http"),
             "{send_proxy}"
         );
     }
@@ -125,9 +121,7 @@ async fn a_websocket_through_haproxy_and_wsgate_echoes_and_its_backend_sees_the_
     let mut backend = WsBackend::start("ws").await;
     let gw = TestGateway::start(&behind_haproxy(&proxy_config(&[backend.addr]))).await;
     let haproxy = haproxy_in_front(gw.addr, "send-proxy-v2").await;
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.bind((CLIENT, 0).into()).expect("bind 127.0.0.2");
-    let stream = within(WAIT, socket.connect(haproxy.addr))
+    let stream = within(WAIT, tokio::net::TcpStream::connect(haproxy.addr))
         .await
         .expect("connect to haproxy");
     let (mut ws, response) = within(
@@ -142,7 +136,7 @@ async fn a_websocket_through_haproxy_and_wsgate_echoes_and_its_backend_sees_the_
         handshake
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok()),
-        Some("127.0.0.2")
+        Some("::1")
     );
     within(WAIT, ws.send(Message::text("through two proxies")))
         .await
