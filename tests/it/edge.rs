@@ -1,7 +1,7 @@
 //! At the edge (issue 12): PROXY protocol behind an L4 balancer, trusted forwarding headers,
 //! handshake policy (Origin, subprotocols), per-client limits and bounded resources.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -11,11 +11,29 @@ use crate::support::tls::{Issued, Pki};
 use crate::support::*;
 use crate::support::{raw, ws};
 
-const SECOND_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+/// Another client than 127.0.0.1: it reaches the gateway through the `edge6` listener.
+const SECOND_CLIENT: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
 
 /// A listener `edge` on 127.0.0.1:0 with `keys`, in front of `rest` (routes, upstreams).
 fn listener(keys: &str, rest: &str) -> String {
     format!("{rest}\n[[listener]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\n{keys}\n")
+}
+
+/// `listener`, plus `edge6` on [::1]:0 with the same `keys`, where SECOND_CLIENT connects.
+fn listeners_for_two_clients(keys: &str, rest: &str) -> String {
+    format!(
+        "{}\n[[listener]]\nname = \"edge6\"\nbind = \"[::1]:0\"\n{keys}\n",
+        listener(keys, rest)
+    )
+}
+
+/// A connection from `from` to the listener of its address family (`edge6` for ::1).
+async fn connect_as(gw: &TestGateway, from: IpAddr) -> RawClient {
+    let listener = match from {
+        IpAddr::V4(_) => gw.addr,
+        IpAddr::V6(_) => gw.listener_addr("edge6"),
+    };
+    RawClient::connect_from(listener, from).await
 }
 
 /// PROXY protocol from 127.0.0.1 only, with a short header timeout.
@@ -135,13 +153,19 @@ async fn proxy_v2_local_keeps_the_socket_address() {
 
 #[tokio::test]
 async fn proxy_header_from_an_untrusted_peer_closes_the_connection_unread() {
-    let (backend, gw) = proxied_gateway(PROXY_KEYS).await;
-    let mut client = RawClient::connect_from(gw.addr, SECOND_CLIENT).await;
+    let backend = HttpBackend::start("a").await;
+    let config = listeners_for_two_clients(PROXY_KEYS, &proxy_config(&[backend.addr]));
+    let gw = TestGateway::start(&config).await;
+    let mut client = connect_as(&gw, SECOND_CLIENT).await;
     let mut bytes = v1(carried());
     bytes.extend_from_slice(GET);
     client.send(&bytes).await;
     assert_closed_unanswered(&mut client).await;
-    assert_eq!(gw.listener.proxy_header_failures.load(Ordering::Relaxed), 1);
+    let failures = gw
+        .listener_stats("edge6")
+        .proxy_header_failures
+        .load(Ordering::Relaxed);
+    assert_eq!(failures, 1);
     assert_eq!(backend.connections(), 0);
 }
 
@@ -203,18 +227,22 @@ Connection: close\r\n\r\n";
 
 #[tokio::test]
 async fn forwarding_headers_are_replaced_from_an_untrusted_peer_and_kept_from_a_trusted_one() {
-    let (mut backend, gw) = proxied_gateway("trusted_proxies = [\"127.0.0.1/32\"]\n").await;
+    let mut backend = HttpBackend::start("a").await;
+    let keys = "trusted_proxies = [\"127.0.0.1/32\"]\n";
+    let config = listeners_for_two_clients(keys, &proxy_config(&[backend.addr]));
+    let gw = TestGateway::start(&config).await;
 
-    let mut spoofer = RawClient::connect_from(gw.addr, SECOND_CLIENT).await;
+    let mut spoofer = connect_as(&gw, SECOND_CLIENT).await;
     spoofer.send(SPOOFED).await;
     assert_eq!(spoofer.read_response().await.status(), 200);
     let seen = backend.next_request().await;
-    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.2"));
+    assert_eq!(seen.header("x-forwarded-for"), Some("::1"));
     assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
     assert_eq!(seen.header("x-forwarded-host"), Some("app.test"));
+    // RFC 7239 §6: an IPv6 node is bracketed and quoted.
     assert_eq!(
         seen.header("forwarded"),
-        Some("for=127.0.0.2;host=app.test;proto=http")
+        Some("for=\"[::1]\";host=app.test;proto=http")
     );
 
     let mut proxy = RawClient::connect(gw.addr).await;
@@ -352,7 +380,7 @@ fn assert_retry_after_within_10_s(head: &raw::Head) {
 
 /// A handshake for `path` from `from`; the connection is returned open (a tunnel, on 101).
 async fn open_handshake(gw: &TestGateway, from: IpAddr, path: &str) -> (raw::Head, RawClient) {
-    let mut client = RawClient::connect_from(gw.addr, from).await;
+    let mut client = connect_as(gw, from).await;
     client.send(ws::handshake("app.test", path, &[])).await;
     (client.read_head().await, client)
 }
@@ -367,7 +395,7 @@ async fn handshakes_over_the_rate_get_429_with_retry_after_while_another_client_
         "handshakes_per_second = 0.1\nhandshake_burst = 2",
         backend.addr,
     );
-    let gw = TestGateway::start(&config).await;
+    let gw = TestGateway::start(&listeners_for_two_clients("", &config)).await;
     let mut open = Vec::new();
     for _ in 0..2 {
         let (head, client) = open_handshake(&gw, LOCAL, "/two").await;
@@ -397,7 +425,7 @@ async fn requests_over_the_rate_get_429_with_retry_after_while_another_client_is
         "requests_per_second = 0.1\nrequest_burst = 2\nhandshakes_per_second = 100",
         backend.addr,
     );
-    let gw = TestGateway::start(&config).await;
+    let gw = TestGateway::start(&listeners_for_two_clients("", &config)).await;
     let get =
         |path: &str| format!("GET {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
     for _ in 0..2 {
@@ -414,7 +442,7 @@ async fn requests_over_the_rate_get_429_with_retry_after_while_another_client_is
         backend.requests().iter().all(|r| r.uri != "/two/over"),
         "the refused request reached the backend"
     );
-    let mut other = RawClient::connect_from(gw.addr, SECOND_CLIENT).await;
+    let mut other = connect_as(&gw, SECOND_CLIENT).await;
     other.send(get("/two")).await;
     assert_eq!(
         other.read_response().await.status(),
@@ -426,7 +454,8 @@ async fn requests_over_the_rate_get_429_with_retry_after_while_another_client_is
 #[tokio::test]
 async fn open_tunnels_per_client_are_limited_per_route_and_in_total() {
     let backend = WsBackend::start("ws").await;
-    let gw = TestGateway::start(&limits_config("max_tunnels = 2", backend.addr)).await;
+    let config = limits_config("max_tunnels = 2", backend.addr);
+    let gw = TestGateway::start(&listeners_for_two_clients("", &config)).await;
     let (head, _first) = open_handshake(&gw, LOCAL, "/one").await;
     assert_eq!(head.status, 101);
     let (head, _) = open_handshake(&gw, LOCAL, "/one").await;

@@ -105,6 +105,8 @@ pub struct TestGateway {
     pub addr: SocketAddr,
     /// The (first) listener's counters.
     pub listener: Arc<ListenerStats>,
+    /// Every listener: its name, bound address and counters.
+    listeners: Vec<(String, SocketAddr, Arc<ListenerStats>)>,
     /// Reloads the TLS listeners' certificates, as SIGHUP does.
     pub reloader: wsgate::server::Reloader,
     current: Current,
@@ -125,8 +127,15 @@ impl TestGateway {
         let server = within(WAIT, Server::bind(&config, None))
             .await
             .expect("gateway binds 127.0.0.1:0");
-        let (name, addr) = server.local_addrs().swap_remove(0);
-        let listener = server.listener_stats(&name).expect("the listener exists");
+        let listeners: Vec<_> = server
+            .local_addrs()
+            .into_iter()
+            .map(|(name, addr)| {
+                let stats = server.listener_stats(&name).expect("the listener exists");
+                (name, addr, stats)
+            })
+            .collect();
+        let (_, addr, listener) = listeners[0].clone();
         let reloader = server.reloader();
         let current = server.current();
         let (stop, stop_signal) = oneshot::channel::<()>();
@@ -139,6 +148,7 @@ impl TestGateway {
         TestGateway {
             addr,
             listener,
+            listeners,
             reloader,
             current,
             drain: config.timeouts.drain,
@@ -153,6 +163,23 @@ impl TestGateway {
     pub async fn reload(&self, toml: &str) -> Result<ReloadSummary, ReloadError> {
         let config = wsgate::config::parse(&with_test_listener(toml), "reload.toml")?;
         within(WAIT, self.reloader.reload(config)).await
+    }
+
+    /// The bound address of the listener called `name`.
+    pub fn listener_addr(&self, name: &str) -> SocketAddr {
+        self.named_listener(name).1
+    }
+
+    /// The counters of the listener called `name`.
+    pub fn listener_stats(&self, name: &str) -> Arc<ListenerStats> {
+        self.named_listener(name).2.clone()
+    }
+
+    fn named_listener(&self, name: &str) -> &(String, SocketAddr, Arc<ListenerStats>) {
+        self.listeners
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .unwrap_or_else(|| panic!("no listener {name:?}"))
     }
 
     pub fn url(&self, path: &str) -> String {

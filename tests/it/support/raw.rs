@@ -97,7 +97,7 @@ impl RawClient {
         }
     }
 
-    /// Connects from `local` (another loopback address, such as 127.0.0.2, is another client).
+    /// Connects from `local` (::1 beside 127.0.0.1 is another client).
     pub async fn connect_from(addr: SocketAddr, local: std::net::IpAddr) -> RawClient {
         RawClient {
             stream: connect_from(addr, local).await,
