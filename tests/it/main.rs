@@ -14,6 +14,7 @@ mod keepalive;
 mod logs;
 mod reload;
 mod shutdown;
+mod socketio;
 mod sockets;
 mod tls;
 mod upstream_tls;
