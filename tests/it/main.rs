@@ -15,6 +15,7 @@ mod keepalive;
 mod logs;
 mod reload;
 mod shutdown;
+mod socketio;
 mod sockets;
 mod sticky;
 mod tls;
