@@ -186,11 +186,21 @@ async fn clients_through_wsgate(
     query_key: Option<&'static str>,
     case: &str,
 ) -> Summary {
+    show_gateway_warnings();
     let (_backends, addrs) = start_backends(&["a", "b", "c"]).await;
     let gw = TestGateway::start(&config(&addrs)).await;
     let summary = run_clients(gw.url("/"), query_key).await;
     eprintln!("socket.io, {CLIENTS} clients, {case}: {summary:?}");
     summary
+}
+
+/// The gateway's warnings (a 502's cause) in the failing test's output: the gateway runs on the
+/// test's own thread, whose prints libtest captures.
+fn show_gateway_warnings() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("wsgate=warn")
+        .with_test_writer()
+        .try_init();
 }
 
 /// Every client connected, upgraded and echoed twice, and the sessions were spread over more
@@ -267,6 +277,7 @@ async fn socket_io_clients_all_connect_and_upgrade_through_wsgate_to_one_backend
     if !installed() {
         return;
     }
+    show_gateway_warnings();
     let (_backends, addrs) = start_backends(&["only"]).await;
     let gw = TestGateway::start(&socketio_config("round_robin", "", &addrs)).await;
     let summary = run_clients(gw.url("/"), Some("client")).await;
