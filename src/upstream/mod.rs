@@ -98,7 +98,7 @@ pub struct UpstreamGroup {
     /// Each server's hash (of its configured address) and weight, for rendezvous hashing.
     rendezvous: Vec<(u64, u32)>,
     sticky: Option<StickyCookie>,
-    passive: Option<Passive>,
+    passive: Option<Arc<Ejection>>,
     health: Option<Arc<config::HealthCheck>>,
     /// The window over which a server's tunnels close when it turns unhealthy, if they do.
     close_tunnels_on_unhealthy: Option<Duration>,
@@ -329,7 +329,12 @@ impl UpstreamGroup {
             weights,
             next: AtomicUsize::new(0),
             rendezvous,
-            passive: config.passive,
+            passive: config.passive.map(|rule| {
+                Arc::new(Ejection {
+                    rule,
+                    close_tunnels: config.close_tunnels_on_unhealthy.then_some(close_spread),
+                })
+            }),
             health: config.health.clone().map(Arc::new),
             close_tunnels_on_unhealthy: config.close_tunnels_on_unhealthy.then_some(close_spread),
             checks: Checks::default(),
@@ -459,7 +464,7 @@ impl UpstreamGroup {
         while let Some(i) = next {
             let endpoint = &self.endpoints[i];
             // Counted before connecting, so concurrent least-connections picks see it.
-            let mut lease = Lease::new(endpoint.clone(), timeouts, self.passive);
+            let mut lease = Lease::new(endpoint.clone(), timeouts, self.passive.clone());
             let err = match lease.checkout().await {
                 Ok(()) => return Ok(lease),
                 Err(err) => err,
@@ -496,6 +501,14 @@ fn tls_connector(config: &config::Upstream) -> Result<TlsConnector, SetupError> 
     Ok(TlsConnector::from(client))
 }
 
+/// Passive ejection as a group applies it.
+#[derive(Debug)]
+struct Ejection {
+    rule: Passive,
+    /// Close the server's tunnels, over this window, when it is ejected.
+    close_tunnels: Option<Duration>,
+}
+
 /// A claim on one server for one request, and then its response body or tunnel.
 #[derive(Debug)]
 pub struct Lease {
@@ -503,8 +516,9 @@ pub struct Lease {
     sender: Option<SendRequest<RequestBody>>,
     reused: bool,
     timeouts: Timeouts,
-    /// The group's passive ejection rule, applied to how this exchange ends.
-    passive: Option<Passive>,
+    /// The group's passive ejection rule, applied to how this exchange ends. Shared, so that
+    /// a lease (which lives in every response body) grows by a pointer only.
+    passive: Option<Arc<Ejection>>,
 }
 
 /// A lease that became a tunnel: one pointer, since it lives in every open WebSocket. It counts
@@ -528,7 +542,7 @@ impl Drop for TunnelLease {
 }
 
 impl Lease {
-    fn new(endpoint: Arc<Endpoint>, timeouts: &Timeouts, passive: Option<Passive>) -> Lease {
+    fn new(endpoint: Arc<Endpoint>, timeouts: &Timeouts, passive: Option<Arc<Ejection>>) -> Lease {
         endpoint.active.fetch_add(1, Ordering::Relaxed);
         Lease {
             endpoint,
@@ -541,15 +555,26 @@ impl Lease {
 
     /// A connect failure, a timeout or a 5xx: one more towards the server's ejection.
     fn judge_failure(&self) {
-        let Some(passive) = &self.passive else { return };
-        if self.endpoint.health.failed(passive) == Change::Ejected {
-            tracing::warn!(
-                upstream = %self.endpoint.upstream,
-                server = %self.endpoint.label,
-                failures = passive.fail,
-                eject_s = passive.eject.as_secs_f64(),
-                "upstream server ejected after failures in a row"
-            );
+        let Some(Ejection {
+            rule,
+            close_tunnels,
+        }) = self.passive.as_deref()
+        else {
+            return;
+        };
+        if self.endpoint.health.failed(rule) != Change::Ejected {
+            return;
+        }
+        tracing::warn!(
+            upstream = %self.endpoint.upstream,
+            server = %self.endpoint.label,
+            failures = rule.fail,
+            eject_s = rule.eject.as_secs_f64(),
+            tunnels_closing = close_tunnels.map_or(0, |_| self.endpoint.tunnels()),
+            "upstream server ejected after failures in a row"
+        );
+        if let Some(spread) = close_tunnels {
+            self.endpoint.close_tunnels(*spread);
         }
     }
 

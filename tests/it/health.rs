@@ -15,7 +15,7 @@ use crate::support::ws::WsStream;
 use crate::support::*;
 
 /// Quick checks, so that a state change takes a fraction of a second.
-const CHECKS: &str = "[upstream.health]\npath = \"/healthz\"\ninterval = \"50ms\"\ntimeout = \"300ms\"\nrise = 2\nfall = 2\n";
+const CHECKS: &str = "[upstream.health]\npath = \"/healthz\"\ninterval = \"50ms\"\ntimeout = \"1s\"\nrise = 2\nfall = 2\n";
 
 fn checked(balance: &str, servers: &[SocketAddr], extra: &str) -> String {
     format!(
@@ -256,6 +256,81 @@ async fn an_unhealthy_server_s_tunnels_close_with_1012_only_when_the_upstream_as
         eventually("a few more checks", || a.checks() >= checks + 4).await;
         echo(&mut later, &format!("{later_server} after the recovery")).await;
     }
+}
+
+#[tokio::test]
+async fn an_ejected_server_s_tunnels_close_with_1012_when_the_upstream_asks() {
+    let a = HealthBackend::start("a").await;
+    let b = HealthBackend::start("b").await;
+    let config = format!(
+        "[reload]\nclose_spread = \"200ms\"\n\n{}",
+        checked(
+            "round_robin",
+            &[a.addr, b.addr],
+            "close_tunnels_on_unhealthy = true\n[upstream.passive]\nfail = 1\neject = \"60s\"\n"
+        )
+    );
+    let gw = TestGateway::start(&config).await;
+    let (mut on_a, response) = ws_connect(gw.addr, "/").await;
+    assert_eq!(response.headers()["x-backend"], "a");
+    let (mut on_b, response) = ws_connect(gw.addr, "/").await;
+    assert_eq!(response.headers()["x-backend"], "b");
+    // Round robin's next request is a's: its 500 ejects it.
+    let mut client = Client::connect(gw.addr).await;
+    let reply = client
+        .fetch(
+            request("GET", "app.test", "/")
+                .header("x-reply-status", "500")
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(reply.header("x-backend"), Some("a"));
+    assert!(gw.endpoint("app", 0).health.is_ejected());
+    assert_eq!(close_code(&mut on_a).await, 1012, "Service Restart");
+    echo(&mut on_b, "b's tunnel stays").await;
+}
+
+#[tokio::test]
+async fn a_key_whose_server_is_down_goes_to_the_next_in_its_hash_order_and_comes_back() {
+    use wsgate::upstream::balance::{rendezvous_order, stable_hash};
+    let backends = [
+        HealthBackend::start("a").await,
+        HealthBackend::start("b").await,
+        HealthBackend::start("c").await,
+    ];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let config = checked("round_robin", &addrs, CHECKS).replace(
+        "balance = \"round_robin\"",
+        "balance = \"hash\"\nhash_key = \"query:room\"",
+    );
+    let gw = TestGateway::start(&config).await;
+    // Each server is hashed by its configured address, as every instance would.
+    let servers: Vec<(u64, u32)> = addrs
+        .iter()
+        .map(|a| (stable_hash(a.to_string().as_bytes()), 1))
+        .collect();
+    let order = rendezvous_order(stable_hash(b"lobby"), &servers);
+    let names = ["a", "b", "c"];
+    let (owner, next) = (order[0], order[1]);
+    let room = |gw: &TestGateway| {
+        let addr = gw.addr;
+        async move {
+            let reply = get(addr, "app.test", "/?room=lobby").await;
+            reply.header("x-backend").expect("x-backend").to_owned()
+        }
+    };
+    assert_eq!(room(&gw).await, names[owner]);
+    eventually("the owner is checked", || backends[owner].checks() >= 2).await;
+    backends[owner].answer_checks_with(503);
+    let owner_server = gw.endpoint("app", owner);
+    eventually("the owner is down", || owner_server.health.is_down()).await;
+    for _ in 0..3 {
+        assert_eq!(room(&gw).await, names[next], "the next in the key's order");
+    }
+    backends[owner].answer_checks_with(200);
+    eventually("the owner is back", || !owner_server.health.is_down()).await;
+    assert_eq!(room(&gw).await, names[owner], "the key returns");
 }
 
 #[tokio::test]

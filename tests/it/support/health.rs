@@ -1,6 +1,7 @@
 //! A backend whose health a test turns: it answers `/healthz` with the status it is set to, or
 //! falls silent (every request, checks included, waits forever, as a hung process does). Other
-//! requests get `x-backend: NAME`; WebSocket handshakes are accepted and echoed.
+//! requests get `x-backend: NAME` (and the status an `x-reply-status` header asks for);
+//! WebSocket handshakes are accepted and echoed.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -120,7 +121,12 @@ async fn handle(
         return Ok(text(status, format!("{} health\n", state.name)));
     }
     let Some(key) = request.headers().get("sec-websocket-key").cloned() else {
-        return Ok(text(StatusCode::OK, format!("backend={}\n", state.name)));
+        let status = request
+            .headers()
+            .get("x-reply-status")
+            .and_then(|v| StatusCode::from_bytes(v.as_bytes()).ok())
+            .unwrap_or(StatusCode::OK);
+        return Ok(text(status, format!("backend={}\n", state.name)));
     };
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let upgrade = hyper::upgrade::on(&mut request);
