@@ -24,7 +24,7 @@ use crate::websocket::{self, frame};
 #[derive(Debug)]
 pub struct Health {
     /// The active checks' verdict.
-    down: AtomicBool,
+    pub(super) down: AtomicBool,
     /// Whether an active check has reported yet: the first result is taken at once, so that a
     /// server that is dead at start is not tried for `fall` intervals.
     checked: AtomicBool,

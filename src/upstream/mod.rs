@@ -789,3 +789,78 @@ impl Body for RequestBody {
             .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(servers: &str, balance: &str) -> UpstreamGroup {
+        let text = format!(
+            "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:1\"\n[[upstream]]\nname = \"app\"\n{balance}\nservers = [{servers}]\n"
+        );
+        let config = config::parse(&text, "t.toml").expect("valid");
+        UpstreamGroup::new(&config.upstreams[0], None, Duration::from_secs(1)).expect("built")
+    }
+
+    const HASHED: &str = "balance = \"hash\"\nhash_key = \"query:k\"";
+    const FIVE: &str = "\"10.0.0.1:80\", \"10.0.0.2:80\", { address = \"10.0.0.3:80\", weight = 2 }, \"b.internal:80\", \"https://c.internal:443\"";
+
+    fn choice(group: &UpstreamGroup, key: u64) -> Arc<str> {
+        let affinity = Affinity {
+            key: Some(key),
+            pinned: None,
+        };
+        group.endpoints[group.first_choice(&affinity)].label.clone()
+    }
+
+    #[test]
+    fn two_independently_built_upstreams_choose_alike_for_10_000_keys() {
+        let (one, two) = (group(FIVE, HASHED), group(FIVE, HASHED));
+        // Traffic on one of them changes nothing: the choice depends on the key alone.
+        let _busy = Lease::new(one.endpoints[0].clone(), &Timeouts::default(), None);
+        for k in 0..10_000u32 {
+            let key = balance::stable_hash(format!("user-{k}").as_bytes());
+            assert_eq!(choice(&one, key), choice(&two, key), "key {k}");
+        }
+    }
+
+    #[test]
+    fn removing_one_of_five_servers_moves_at_most_1_3_n_of_the_keys() {
+        let five = group(FIVE, HASHED);
+        let four = group(FIVE.rsplit_once(", ").unwrap().0, HASHED);
+        let moved = (0..1_000u32)
+            .filter(|k| {
+                let key = balance::stable_hash(&k.to_be_bytes());
+                choice(&five, key) != choice(&four, key)
+            })
+            .count();
+        assert!(moved * 5 <= 1_300, "{moved} of 1000 keys moved");
+    }
+
+    #[test]
+    fn a_down_owner_s_keys_go_to_their_next_server_and_a_keyless_request_is_balanced() {
+        let group = group(FIVE, HASHED);
+        let key = balance::stable_hash(b"room");
+        let order = balance::rendezvous_order(key, &group.rendezvous);
+        let affinity = Affinity {
+            key: Some(key),
+            pinned: None,
+        };
+        assert_eq!(group.first_choice(&affinity), order[0]);
+        group.endpoints[order[0]]
+            .health
+            .down
+            .store(true, Ordering::Relaxed);
+        assert_eq!(group.first_choice(&affinity), order[1]);
+        let fallbacks = group.fallbacks(&affinity, order[1]);
+        assert_eq!(
+            fallbacks,
+            [&order[2..], &order[..1]].concat(),
+            "healthy first"
+        );
+        // Keyless: the least loaded, never the down server.
+        for _ in 0..10 {
+            assert_ne!(group.first_choice(&Affinity::default()), order[0]);
+        }
+    }
+}
