@@ -21,9 +21,11 @@
 //! `ARCHITECTURE.md` at the repository root has who uses whom, the life of a request and of a
 //! tunnel, and the rules that hold everywhere (config is parsed in one place, once).
 
+pub mod admin;
 mod client_io;
 pub mod config;
 mod listener;
+pub mod metrics;
 pub mod proxy;
 pub mod router;
 pub mod server;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::config::{self, Action, HostPattern};
+use crate::metrics::{CloseCodes, Histogram, StatusCounts};
 
 /// What a matched route does, plus its live counters.
 #[derive(Debug)]
@@ -43,20 +44,55 @@ pub enum Target {
 #[derive(Debug, Default)]
 pub struct RouteStats {
     pub requests: AtomicU64,
+    /// Answers by status class, a tunnel's 101 (or 200 on HTTP/2) included.
+    pub statuses: StatusCounts,
     pub tunnels_open: AtomicU64,
+    /// HTTP/2 streams (RFC 8441) among `tunnels_open`.
+    pub tunnels_open_h2: AtomicU64,
     pub tunnels_total: AtomicU64,
     /// Tunnels that were HTTP/2 streams (RFC 8441), included in `tunnels_total`.
     pub tunnels_over_h2: AtomicU64,
+    /// What closed tunnels carried and how they ended.
+    pub tunnel: TunnelStats,
+}
+
+/// Recorded once per tunnel, when it closes: counting bytes as they move would put a shared
+/// atomic in every read of every tunnel of the route.
+#[derive(Debug)]
+pub struct TunnelStats {
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+    pub duration: Histogram,
+    pub client_closes: CloseCodes,
+    pub upstream_closes: CloseCodes,
+}
+
+impl Default for TunnelStats {
+    fn default() -> TunnelStats {
+        TunnelStats {
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            duration: Histogram::new(crate::metrics::TUNNEL_BUCKETS),
+            client_closes: CloseCodes::default(),
+            upstream_closes: CloseCodes::default(),
+        }
+    }
 }
 
 impl RouteStats {
-    pub fn tunnel_opened(&self) {
+    pub fn tunnel_opened(&self, h2: bool) {
         self.tunnels_open.fetch_add(1, Ordering::Relaxed);
         self.tunnels_total.fetch_add(1, Ordering::Relaxed);
+        if h2 {
+            self.tunnels_open_h2.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    pub fn tunnel_closed(&self) {
+    pub fn tunnel_closed(&self, h2: bool) {
         self.tunnels_open.fetch_sub(1, Ordering::Relaxed);
+        if h2 {
+            self.tunnels_open_h2.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

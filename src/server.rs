@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::{self, Config};
 pub use crate::listener::ListenerStats;
 use crate::listener::{Listener, ListenerCtx, Protocols};
+use crate::metrics::{ReloadStats, ServingListener};
 use crate::proxy::policy::ClientLimiter;
 use crate::proxy::Proxy;
 use crate::shutdown::{self, Signal, Tracker, Trigger};
@@ -79,6 +80,12 @@ pub struct ReloadSummary {
 
 pub struct Server {
     listeners: Vec<Listener>,
+    /// `[admin]`: its socket, bound with the others, and who may connect.
+    admin: Option<(tokio::net::TcpListener, config::CidrSet)>,
+    /// What the admin listener reads besides the snapshot.
+    reload_stats: Arc<ReloadStats>,
+    serving: Arc<Mutex<Vec<ServingListener>>>,
+    draining: Arc<AtomicBool>,
     config: Config,
     /// Where SIGHUP and the file watch read the next config from.
     source: Option<PathBuf>,
@@ -100,6 +107,7 @@ struct ReloadRequest {
 #[derive(Clone)]
 pub struct Reloader {
     requests: mpsc::Sender<ReloadRequest>,
+    stats: Arc<ReloadStats>,
     source: Option<PathBuf>,
     certificates: Certificates,
 }
@@ -125,7 +133,11 @@ impl Reloader {
         };
         let result = match config::load(path) {
             Ok(config) => self.reload(config).await,
-            Err(err) => Err(err.into()),
+            Err(err) => {
+                // A config that does not parse never reaches the reload loop, which counts the rest.
+                self.stats.rejected(telemetry::error_chain(&err));
+                Err(err.into())
+            }
         };
         if let Err(err) = result {
             // The diagnostics are one per line, each `file:line:col: message`.
@@ -270,6 +282,8 @@ fn listen(
 struct Running {
     bind: SocketAddr,
     local: SocketAddr,
+    tls: bool,
+    stats: Arc<ListenerStats>,
     ctx: Arc<ArcSwap<ListenerCtx>>,
     /// Stops this listener alone (a reload removed it), or with all the others on shutdown.
     stop: Trigger,
@@ -306,17 +320,36 @@ impl Server {
             });
         }
         inherited.warn_unclaimed();
+        let admin = match &config.admin {
+            None => None,
+            Some(admin) => {
+                let socket =
+                    crate::admin::bind(admin.bind)
+                        .await
+                        .map_err(|source| Error::Bind {
+                            listener: "admin".to_owned(),
+                            address: admin.bind,
+                            source,
+                        })?;
+                Some((socket, admin.allow.clone()))
+            }
+        };
         let certificates = Certificates::default();
         certificates.replace(config, &terminators);
         let tunnels = Tracker::default();
         let (close_tunnels, close_signal) = shutdown::channel();
         let current: Current = Arc::new(ArcSwap::from_pointee(snapshot));
         let (requests, reloads) = mpsc::channel(4);
+        let reload_stats = Arc::new(ReloadStats::started());
         Ok(Server {
             listeners,
+            admin,
+            serving: Arc::default(),
+            draining: Arc::default(),
             config: config.clone(),
             reloader: Reloader {
                 requests,
+                stats: reload_stats.clone(),
                 source: source.clone(),
                 certificates: certificates.clone(),
             },
@@ -334,6 +367,7 @@ impl Server {
             tunnels,
             close_tunnels,
             reloads,
+            reload_stats,
         })
     }
 
@@ -348,6 +382,11 @@ impl Server {
             .iter()
             .find(|l| &*l.name == name)
             .map(|l| l.stats.clone())
+    }
+
+    /// Where the admin listener is bound, if configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref()?.0.local_addr().ok()
     }
 
     /// The bound address of each listener, by name (useful with port 0).
@@ -387,6 +426,18 @@ impl Server {
                 self.spawn_listener(listener, config.bind, local, &connections),
             );
         }
+        self.register(&running);
+        let (stop_admin, admin_signal) = shutdown::channel();
+        if let Some((socket, allow)) = self.admin.take() {
+            let local = socket.local_addr().ok();
+            tracing::info!(address = ?local, "admin listening");
+            let state = crate::admin::State {
+                sources: self.metric_sources(),
+                draining: self.draining.clone(),
+                started: std::time::Instant::now(),
+            };
+            tokio::spawn(crate::admin::serve(socket, allow, state, admin_signal));
+        }
         let mut file = FileWatch::new(self.source.clone(), &self.config.reload);
         tokio::pin!(shutdown);
         loop {
@@ -394,8 +445,13 @@ impl Server {
                 () = &mut shutdown => break,
                 Some(request) = self.reloads.recv() => {
                     let result = self.apply(request.config, &mut running, &connections).await;
-                    if result.is_ok() {
-                        file = FileWatch::new(self.source.clone(), &self.config.reload);
+                    self.register(&running);
+                    match &result {
+                        Ok(summary) => {
+                            self.reload_stats.succeeded(summary.describe());
+                            file = FileWatch::new(self.source.clone(), &self.config.reload);
+                        }
+                        Err(err) => self.reload_stats.rejected(telemetry::error_chain(err)),
                     }
                     let _ = request.reply.send(result);
                 }
@@ -406,6 +462,8 @@ impl Server {
                 }
             }
         }
+        // First, so that balancers polling /readyz stop sending while tunnels close politely.
+        self.draining.store(true, Ordering::Relaxed);
         let drain = self.config.timeouts.drain;
         tracing::info!(
             connections = connections.live(),
@@ -423,6 +481,8 @@ impl Server {
             connections.idle().await;
             self.tunnels.idle().await;
         };
+        // The admin listener answers (503 on /readyz) until everything has drained.
+        let _stop_admin = stop_admin;
         if tokio::time::timeout(drain, drained).await.is_ok() {
             tracing::info!("drained");
             return;
@@ -436,6 +496,31 @@ impl Server {
         let _ = tokio::time::timeout(CLOSE_GRACE, self.tunnels.idle()).await;
     }
 
+    /// What `/metrics` and the status page read.
+    pub fn metric_sources(&self) -> crate::metrics::Sources {
+        crate::metrics::Sources {
+            current: self.current.clone(),
+            listeners: self.serving.clone(),
+            proxy: self.proxy.stats.clone(),
+            reloads: self.reload_stats.clone(),
+        }
+    }
+
+    /// The listeners accepting now, for the admin listener.
+    fn register(&self, running: &HashMap<String, Running>) {
+        let mut serving: Vec<ServingListener> = running
+            .iter()
+            .map(|(name, r)| ServingListener {
+                name: name.as_str().into(),
+                address: r.local,
+                tls: r.tls,
+                stats: r.stats.clone(),
+            })
+            .collect();
+        serving.sort_by(|a, b| a.name.cmp(&b.name));
+        *self.serving.lock().unwrap_or_else(|e| e.into_inner()) = serving;
+    }
+
     fn spawn_listener(
         &self,
         listener: Listener,
@@ -447,6 +532,8 @@ impl Server {
         let running = Running {
             bind,
             local,
+            tls: listener.ctx.load().tls.is_some(),
+            stats: listener.stats.clone(),
             ctx: listener.ctx.clone(),
             stop,
         };
@@ -616,6 +703,32 @@ fn diff(before: &Config, after: &Config, old: &Snapshot, new: &Snapshot) -> Relo
             .collect(),
         tunnels_closing: 0,
         listening: Vec::new(),
+    }
+}
+
+impl ReloadSummary {
+    /// One line for the status page: what was added and removed.
+    pub fn describe(&self) -> String {
+        let parts = [
+            ("listeners +", &self.listeners_added),
+            ("listeners -", &self.listeners_removed),
+            ("routes +", &self.routes_added),
+            ("routes -", &self.routes_removed),
+            ("upstreams +", &self.upstreams_added),
+            ("upstreams -", &self.upstreams_removed),
+            ("servers +", &self.servers_added),
+            ("servers -", &self.servers_removed),
+        ];
+        let changes: Vec<String> = parts
+            .iter()
+            .filter(|(_, names)| !names.is_empty())
+            .map(|(what, names)| format!("{what}{}", names.join(",")))
+            .collect();
+        if changes.is_empty() {
+            "no listener, route, upstream or server changed".to_owned()
+        } else {
+            changes.join("; ")
+        }
     }
 }
 

@@ -34,6 +34,15 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     pub routes: Vec<Route>,
     pub upstreams: Vec<Upstream>,
+    pub admin: Option<Admin>,
+}
+
+/// `[admin]`: metrics, health, readiness and the status page, on a listener of their own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    pub bind: SocketAddr,
+    /// Peers allowed to connect; empty means loopback only.
+    pub allow: CidrSet,
 }
 
 #[derive(Debug, Clone)]

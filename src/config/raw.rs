@@ -24,6 +24,15 @@ pub struct Config {
     pub routes: Vec<Route>,
     #[serde(default, rename = "upstream")]
     pub upstreams: Vec<Upstream>,
+    pub admin: Option<Spanned<Admin>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub bind: Spanned<String>,
+    #[serde(default)]
+    pub allow: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -96,7 +96,13 @@ where
             .with_upgrades();
         // Boxed so that a parked connection's task does not carry hyper's connection state.
         match serve_until_idle(Box::pin(serving), &activity, &mut drain, timer.as_mut()).await {
-            Served::Done(result) => return result,
+            Served::Done(result) => {
+                // hyper answered 431 itself: the service never saw the request.
+                if result.as_ref().is_err_and(hyper::Error::is_parse_too_large) {
+                    stats.headers_too_large.fetch_add(1, Ordering::Relaxed);
+                }
+                return result;
+            }
             Served::Idle(serving, since) => {
                 let parts = serving
                     .into_parts()

@@ -54,10 +54,58 @@ pub struct Listener {
 pub struct ListenerStats {
     /// Failed TLS handshakes, and plain HTTP sent to a TLS port.
     pub tls_failures: AtomicU64,
+    /// `tls_failures` by kind, in the order of `TLS_FAILURE_KINDS`.
+    tls_failure_kinds: [AtomicU64; TLS_FAILURE_KINDS.len()],
+    /// Connections accepted, and open now.
+    pub accepted: AtomicU64,
+    open: AtomicUsize,
+    /// Request heads over `limits.max_header_bytes`, answered 431 by hyper.
+    pub headers_too_large: AtomicU64,
     /// HTTP/1 connections idle between requests, held without hyper's buffers.
     pub parked: AtomicUsize,
     /// Connections closed for their PROXY header: missing, malformed, late, or untrusted peer.
     pub proxy_header_failures: AtomicU64,
+}
+
+/// The kinds a failed TLS handshake is counted under.
+const TLS_FAILURE_KINDS: [&str; 5] = ["timeout", "closed", "not_tls", "handshake", "plain_http"];
+
+impl ListenerStats {
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    fn tls_failed(&self, kind: &str) {
+        self.tls_failures.fetch_add(1, Ordering::Relaxed);
+        if let Some(slot) = TLS_FAILURE_KINDS.iter().position(|k| *k == kind) {
+            self.tls_failure_kinds[slot].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Each kind's label and count.
+    pub fn tls_failure_kinds(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        TLS_FAILURE_KINDS
+            .iter()
+            .zip(&self.tls_failure_kinds)
+            .map(|(kind, n)| (*kind, n.load(Ordering::Relaxed)))
+    }
+}
+
+/// Counts a connection as open for as long as it lives.
+struct OpenConnection(Arc<ListenerStats>);
+
+impl OpenConnection {
+    fn new(stats: &Arc<ListenerStats>) -> OpenConnection {
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(stats.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A listener's serving parameters, replaced whole by a reload.
@@ -143,9 +191,10 @@ impl Listener {
                     let task =
                         serve_connection(stream, connection, self.ctx.load_full(), drain.clone());
                     let guard = connections.guard();
+                    let open = OpenConnection::new(&self.stats);
                     tokio::spawn(async move {
                         task.await;
-                        drop((guard, permit));
+                        drop((guard, permit, open));
                     });
                 }
                 Err(err) if is_connection_error(&err) => {
@@ -296,18 +345,12 @@ async fn serve_tls(
             serve_http(*stream, facts.h2, false, connection, protocols, drain).await;
         }
         Ok(tls::Accepted::PlainHttp(stream)) => {
-            connection
-                .stats
-                .tls_failures
-                .fetch_add(1, Ordering::Relaxed);
+            connection.stats.tls_failed("plain_http");
             tracing::info!(%peer, listener = %connection.info.listener, "plain HTTP sent to a TLS port: answered 400");
             refuse_plain_http(stream).await;
         }
         Err(err) => {
-            connection
-                .stats
-                .tls_failures
-                .fetch_add(1, Ordering::Relaxed);
+            connection.stats.tls_failed(err.kind());
             tracing::debug!(
                 %peer,
                 listener = %connection.info.listener,

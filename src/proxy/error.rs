@@ -89,6 +89,20 @@ impl ProxyError {
         }
     }
 
+    /// Why a request or handshake was refused before any backend was asked, for the metric.
+    pub fn refusal(&self) -> Option<Refusal> {
+        Some(match self {
+            ProxyError::Handshake(HandshakeError::UnsupportedVersion) => Refusal::UpgradeRequired,
+            ProxyError::Handshake(HandshakeError::UnsupportedProtocol) => return None,
+            ProxyError::Handshake(_) | ProxyError::NoSubprotocol => Refusal::BadRequest,
+            ProxyError::Origin(_) => Refusal::Origin,
+            ProxyError::HandshakeRate { .. }
+            | ProxyError::RequestRate { .. }
+            | ProxyError::Tunnels(_) => Refusal::RateLimited,
+            _ => return None,
+        })
+    }
+
     pub fn side(&self) -> Side {
         match self {
             ProxyError::Upstream { source, .. } if source.is_client_body() => Side::Downstream,
@@ -126,6 +140,40 @@ pub struct RequestLabels<'a> {
     pub path: &'a str,
     pub route: Option<&'a str>,
     pub client: std::net::SocketAddr,
+}
+
+/// The reasons `wsgate_handshake_refusals_total` counts (431, which hyper answers itself, is
+/// counted by the listener).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    BadRequest,
+    Origin,
+    UpgradeRequired,
+    RateLimited,
+}
+
+const REFUSALS: [(Refusal, &str); 4] = [
+    (Refusal::BadRequest, "bad_request"),
+    (Refusal::Origin, "origin"),
+    (Refusal::UpgradeRequired, "upgrade_required"),
+    (Refusal::RateLimited, "rate_limited"),
+];
+
+#[derive(Debug, Default)]
+pub struct Refusals([std::sync::atomic::AtomicU64; 4]);
+
+impl Refusals {
+    pub fn record(&self, refusal: Refusal) {
+        self.0[refusal as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Each reason's label and count.
+    pub fn each(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        REFUSALS.iter().map(|(refusal, label)| {
+            let n = self.0[*refusal as usize].load(std::sync::atomic::Ordering::Relaxed);
+            (*label, n)
+        })
+    }
 }
 
 pub fn respond(err: ProxyError, labels: &RequestLabels<'_>) -> Response<ProxyBody> {

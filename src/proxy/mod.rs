@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::config;
+use crate::metrics::StatusCounts;
 use crate::router::{Route, Target};
 use crate::shutdown::{Signal, Tracker};
 use crate::snapshot::{Current, ListenerPolicy, Snapshot};
@@ -60,8 +61,17 @@ pub struct Proxy {
     request_limiter: Arc<policy::ClientLimiter>,
     /// Upgraded connections leave hyper's sight; they are counted here for the drain.
     tunnels: Tracker,
+    pub stats: Arc<ProxyStats>,
     /// Fired when the drain period is over: every tunnel closes at once.
     close_tunnels: Signal,
+}
+
+/// What the proxy counts that belongs to no route.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    /// Answers to requests no route matched (404, and refusals before routing).
+    pub unrouted: StatusCounts,
+    pub refusals: error::Refusals,
 }
 
 /// A validated upgrade waiting for the upstream's 101.
@@ -73,6 +83,8 @@ struct PendingUpgrade {
 
 /// What a tunnel is started with.
 struct Tunnel {
+    /// The client's side is an HTTP/2 stream (RFC 8441).
+    h2: bool,
     labels: tunnel::Labels,
     options: tunnel::Options,
     signals: tunnel::Signals,
@@ -111,6 +123,7 @@ impl Proxy {
             request_limiter: policy::ClientLimiter::new(limiter.capacity()),
             limiter,
             tunnels,
+            stats: Arc::default(),
             close_tunnels,
         }
     }
@@ -178,17 +191,26 @@ impl Proxy {
                 }
                 response
             }
-            Err(err) => error::respond(
-                err,
-                &RequestLabels {
-                    method: &facts.method,
-                    host: host_text,
-                    path,
-                    route: route_name,
-                    client: facts.client,
-                },
-            ),
+            Err(err) => {
+                if let Some(reason) = err.refusal() {
+                    self.stats.refusals.record(reason);
+                }
+                error::respond(
+                    err,
+                    &RequestLabels {
+                        method: &facts.method,
+                        host: host_text,
+                        path,
+                        route: route_name,
+                        client: facts.client,
+                    },
+                )
+            }
         };
+        match route {
+            Some(route) => route.stats.statuses.record(response.status()),
+            None => self.stats.unrouted.record(response.status()),
+        }
         if let Some(hsts) = &policy.hsts {
             response
                 .headers_mut()
@@ -346,8 +368,6 @@ impl Proxy {
         };
         let labels = tunnel::Labels {
             route: route.name.clone(),
-            upstream: upstream.name.clone(),
-            server: lease.endpoint().label.clone(),
             client: facts.client,
         };
         let signals = tunnel::Signals {
@@ -356,6 +376,7 @@ impl Proxy {
             retire: lease.endpoint().retirement(),
         };
         let tunnel = Tunnel {
+            h2: bridged_key.is_some(),
             labels,
             options,
             signals,
@@ -443,13 +464,14 @@ impl Proxy {
         let (lease, client_guard) = holds;
         let (client, upstream) = upgrades;
         let Tunnel {
+            h2,
             labels,
             options,
             signals,
         } = tunnel;
-        route.stats.tunnel_opened();
+        route.stats.tunnel_opened(h2);
         let hold = TunnelHold {
-            _lease: lease.into_tunnel(),
+            lease: lease.into_tunnel(h2),
             _guard: self.tunnels.guard(),
             _client: client_guard.map(Box::new),
             stats: route.stats.clone(),
@@ -475,7 +497,7 @@ impl Proxy {
 /// What lives exactly as long as a tunnel: its lease on the server (counted by
 /// least-connections), its place in the drain, its client's and its route's counts.
 pub(crate) struct TunnelHold {
-    _lease: TunnelLease,
+    lease: TunnelLease,
     _guard: crate::shutdown::Guard,
     /// The client's open-tunnel count (`[limits.per_client]`), when limited. Boxed: the tunnel
     /// task's size budget has no room for its 40 bytes.
@@ -485,7 +507,30 @@ pub(crate) struct TunnelHold {
 
 impl Drop for TunnelHold {
     fn drop(&mut self) {
-        self.stats.tunnel_closed();
+        self.stats.tunnel_closed(self.lease.is_h2());
+    }
+}
+
+impl tunnel::Hold for TunnelHold {
+    fn upstream(&self) -> (&str, &str) {
+        let server = self.lease.endpoint();
+        (server.upstream_name(), &server.label)
+    }
+
+    fn closed(self, outcome: &tunnel::Outcome, lived: std::time::Duration) {
+        let stats = &self.stats.tunnel;
+        stats
+            .bytes_up
+            .fetch_add(outcome.up.bytes, Ordering::Relaxed);
+        stats
+            .bytes_down
+            .fetch_add(outcome.down.bytes, Ordering::Relaxed);
+        stats.duration.observe(lived);
+        // Opaque tunnels have no frames, hence no close codes to count.
+        if let (Some(up), Some(down)) = (outcome.up.frames, outcome.down.frames) {
+            stats.client_closes.record(up.close_code);
+            stats.upstream_closes.record(down.close_code);
+        }
     }
 }
 

@@ -10,7 +10,7 @@ pub mod pool;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -28,6 +28,7 @@ use tokio::sync::oneshot;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{self, Balance, Passive, ServerAddress, Timeouts};
+use crate::metrics::Histogram;
 use crate::shutdown::{self, Signal, Trigger};
 use crate::telemetry::error_chain;
 use crate::tls;
@@ -118,6 +119,11 @@ pub struct Endpoint {
     /// Leases alive: requests in flight plus open tunnels.
     active: AtomicUsize,
     tunnels: AtomicUsize,
+    /// HTTP/2 streams (RFC 8441) among `tunnels`.
+    tunnels_h2: AtomicUsize,
+    connect_failures: AtomicU64,
+    /// From sending a request to its response head.
+    pub response_time: Histogram,
     pub health: Health,
     pool: Pool<RequestBody>,
     /// Fired when the server's tunnels are to close (a reload removed the server, or it went
@@ -145,6 +151,19 @@ impl Endpoint {
 
     pub fn tunnels(&self) -> usize {
         self.tunnels.load(Ordering::Relaxed)
+    }
+
+    /// The name of the upstream the server belongs to.
+    pub fn upstream_name(&self) -> &str {
+        &self.upstream
+    }
+
+    pub fn tunnels_over_h2(&self) -> usize {
+        self.tunnels_h2.load(Ordering::Relaxed)
+    }
+
+    pub fn connect_failures(&self) -> u64 {
+        self.connect_failures.load(Ordering::Relaxed)
     }
 
     pub fn idle_connections(&self) -> usize {
@@ -176,6 +195,14 @@ impl Endpoint {
     }
 
     async fn connect(&self, after: Duration) -> Result<SendRequest<RequestBody>, Error> {
+        let result = self.connect_once(after).await;
+        if result.is_err() {
+            self.connect_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn connect_once(&self, after: Duration) -> Result<SendRequest<RequestBody>, Error> {
         let connecting = async {
             match &self.address {
                 ServerAddress::Ip(addr) => TcpStream::connect(addr).await,
@@ -306,6 +333,9 @@ impl UpstreamGroup {
                 upstream: config.name.as_str().into(),
                 active: AtomicUsize::new(0),
                 tunnels: AtomicUsize::new(0),
+                tunnels_h2: AtomicUsize::new(0),
+                connect_failures: AtomicU64::new(0),
+                response_time: Histogram::new(crate::metrics::RESPONSE_BUCKETS),
                 health: Health::new(),
                 pool: Pool::default(),
                 retired: Mutex::new(shutdown::channel().0),
@@ -526,11 +556,18 @@ pub struct Lease {
 #[derive(Debug)]
 pub struct TunnelLease {
     endpoint: Arc<Endpoint>,
+    /// The client's side is an HTTP/2 stream.
+    h2: bool,
 }
 
 impl TunnelLease {
     pub fn endpoint(&self) -> &Arc<Endpoint> {
         &self.endpoint
+    }
+
+    /// The client's side is an HTTP/2 stream.
+    pub fn is_h2(&self) -> bool {
+        self.h2
     }
 }
 
@@ -538,6 +575,9 @@ impl Drop for TunnelLease {
     fn drop(&mut self) {
         self.endpoint.active.fetch_sub(1, Ordering::Relaxed);
         self.endpoint.tunnels.fetch_sub(1, Ordering::Relaxed);
+        if self.h2 {
+            self.endpoint.tunnels_h2.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -639,7 +679,11 @@ impl Lease {
         request: Request<Option<Incoming>>,
         max_body: Option<u64>,
     ) -> Result<Response<Incoming>, Error> {
+        let sent = tokio::time::Instant::now();
         let result = self.exchange(request, max_body).await;
+        if result.is_ok() {
+            self.endpoint.response_time.observe(sent.elapsed());
+        }
         match &result {
             Ok(response) => self.judge_answer(response.status()),
             // The client's own body failing says nothing about the server.
@@ -712,13 +756,18 @@ impl Lease {
         }
     }
 
-    /// The connection became a tunnel; the returned lease counts it until dropped.
-    pub fn into_tunnel(self) -> TunnelLease {
+    /// The connection became a tunnel (`h2`: for an HTTP/2 stream); the returned lease counts
+    /// it until dropped.
+    pub fn into_tunnel(self, h2: bool) -> TunnelLease {
         self.endpoint.tunnels.fetch_add(1, Ordering::Relaxed);
+        if h2 {
+            self.endpoint.tunnels_h2.fetch_add(1, Ordering::Relaxed);
+        }
         // The request count moves over to the tunnel lease, which gives it back on drop.
         self.endpoint.active.fetch_add(1, Ordering::Relaxed);
         TunnelLease {
             endpoint: self.endpoint.clone(),
+            h2,
         }
     }
 }

@@ -16,6 +16,47 @@ use crate::config::{
 };
 
 impl Validator<'_> {
+    /// `[admin]`. Never reachable through a proxy listener (its own address), and never open to
+    /// the world by accident: a bind beyond loopback must say who may connect.
+    pub(super) fn admin(
+        &mut self,
+        raw: toml::Spanned<raw::Admin>,
+        listeners: &[crate::config::Listener],
+    ) -> Option<crate::config::Admin> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let Ok(bind) = raw.bind.get_ref().parse::<SocketAddr>() else {
+            self.error(
+                raw.bind.span(),
+                format!(
+                    "admin: invalid bind address {:?}: expected ip:port, e.g. \"127.0.0.1:9100\"",
+                    raw.bind.get_ref()
+                ),
+            );
+            return None;
+        };
+        if let Some(listener) = listeners
+            .iter()
+            .find(|l| l.bind == bind && bind.port() != 0)
+        {
+            self.error(
+                raw.bind.span(),
+                format!(
+                    "admin: bind address {bind} is listener {:?}'s: the admin listener needs its own",
+                    listener.name
+                ),
+            );
+        }
+        let allow = self.cidrs(&raw.allow, "admin.allow");
+        if !bind.ip().is_loopback() && raw.allow.is_empty() {
+            self.error(
+                span,
+                format!("admin: bind {bind} is reachable beyond this machine: add allow = [\"10.0.0.0/8\", ...] naming who may read metrics and status, or bind 127.0.0.1"),
+            );
+        }
+        Some(crate::config::Admin { bind, allow })
+    }
+
     pub(super) fn listeners(&mut self, raw: Vec<raw::Listener>) -> Vec<Listener> {
         if raw.is_empty() {
             self.error(

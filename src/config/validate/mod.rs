@@ -100,11 +100,13 @@ impl Validator<'_> {
         // Routes start from these.
         let timeouts = self.timeouts(raw.timeouts);
         let limits = self.limits(raw.limits);
+        let listeners = self.listeners(raw.listeners);
         Config {
             workers,
             log: self.log(raw.log),
             reload: self.reload(raw.reload),
-            listeners: self.listeners(raw.listeners),
+            admin: raw.admin.and_then(|admin| self.admin(admin, &listeners)),
+            listeners,
             routes: self.routes(raw.routes, &upstreams, &websocket, &timeouts, &limits),
             timeouts,
             limits,

@@ -41,8 +41,6 @@ pub use watch::{FrameCounts, ProtocolError, Violation};
 #[derive(Debug)]
 pub struct Labels {
     pub route: Arc<str>,
-    pub upstream: Arc<str>,
-    pub server: Arc<str>,
     pub client: SocketAddr,
 }
 
@@ -153,6 +151,15 @@ pub struct Outcome {
     pub down: Direction,
 }
 
+/// What lives exactly as long as a tunnel, told how it ended before it is dropped. It knows
+/// the tunnel's upstream and server (its lease does), so `Labels` need not carry them again:
+/// every byte of the task is paid by every idle WebSocket.
+pub trait Hold: Send + 'static {
+    /// The upstream and the server, for the close line.
+    fn upstream(&self) -> (&str, &str);
+    fn closed(self, outcome: &Outcome, lived: std::time::Duration);
+}
+
 /// Starts the tunnel as its own task, which runs to the end, logs one line, and drops `hold`
 /// (what must live as long as the tunnel: its lease, its drain guard). Plain TCP on both sides
 /// is unwrapped from hyper's `Upgraded` so that reads go straight to the sockets.
@@ -160,7 +167,7 @@ pub struct Outcome {
 /// The task is exactly one `Tunnel`: a hand-written future rather than an `async fn`, whose
 /// state machine would hold a second copy of the splice and a future per signal. An idle
 /// WebSocket costs this struct and its two sockets, nothing more.
-pub fn spawn<H: Send + 'static>(
+pub fn spawn<H: Hold>(
     client: Upgraded,
     upstream: Upgraded,
     labels: Labels,
@@ -186,7 +193,7 @@ pub(crate) struct Tunnel<H> {
     hold: Option<H>,
 }
 
-impl<H> Future for Tunnel<H> {
+impl<H: Hold> Future for Tunnel<H> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -195,20 +202,34 @@ impl<H> Future for Tunnel<H> {
         let this = unsafe { self.get_unchecked_mut() };
         let driver = unsafe { Pin::new_unchecked(&mut this.driver) };
         let (result, outcome) = ready!(driver.poll(cx));
-        log_close(&this.labels, this.started, &result, &outcome);
-        this.hold = None;
+        if let Some(hold) = this.hold.take() {
+            log_close(
+                &this.labels,
+                hold.upstream(),
+                this.started,
+                &result,
+                &outcome,
+            );
+            hold.closed(&outcome, this.started.elapsed());
+        }
         Poll::Ready(())
     }
 }
 
-fn log_close(labels: &Labels, started: Instant, result: &io::Result<()>, outcome: &Outcome) {
+fn log_close(
+    labels: &Labels,
+    (upstream, server): (&str, &str),
+    started: Instant,
+    result: &io::Result<()>,
+    outcome: &Outcome,
+) {
     let counts = |direction: &Direction| direction.frames.unwrap_or_default();
     let (up, down) = (counts(&outcome.up), counts(&outcome.down));
     let framed = outcome.up.frames.is_some();
     tracing::info!(
         route = %labels.route,
-        upstream = %labels.upstream,
-        server = %labels.server,
+        upstream,
+        server,
         client = %labels.client,
         duration_ms = started.elapsed().as_millis() as u64,
         bytes_up = outcome.up.bytes,

@@ -103,6 +103,8 @@ pub fn upstream_config(name: &str, balance: &str, servers: &[SocketAddr]) -> Str
 /// A gateway running in this test's runtime, stopped by a oneshot-driven shutdown future.
 pub struct TestGateway {
     pub addr: SocketAddr,
+    /// The admin listener, when the config has `[admin]`.
+    pub admin: Option<SocketAddr>,
     /// The (first) listener's counters.
     pub listener: Arc<ListenerStats>,
     /// Every listener: its name, bound address and counters.
@@ -136,6 +138,7 @@ impl TestGateway {
             })
             .collect();
         let (_, addr, listener) = listeners[0].clone();
+        let admin = server.admin_addr();
         let reloader = server.reloader();
         let current = server.current();
         let (stop, stop_signal) = oneshot::channel::<()>();
@@ -147,6 +150,7 @@ impl TestGateway {
         }));
         TestGateway {
             addr,
+            admin,
             listener,
             listeners,
             reloader,
