@@ -3,6 +3,8 @@
 //! # Layout
 //!
 //! - `config`: the TOML file, validated once into the typed values every other module shares.
+//! - `quick`: the config a `wsgate proxy --from .. --to ..` command line stands for, as TOML
+//!   text that `config` validates like a file.
 //! - `server`: binds the listeners, serves, reloads the whole config, turns a shutdown into a
 //!   drain.
 //! - `sockets`: where a listener's socket comes from: systemd (socket activation), or bound
@@ -27,6 +29,7 @@ pub mod config;
 mod listener;
 pub mod metrics;
 pub mod proxy;
+pub mod quick;
 pub mod router;
 pub mod server;
 pub mod shutdown;

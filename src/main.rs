@@ -1,10 +1,12 @@
-//! The `wsgate` command: run a config, check one, or print the version.
+//! The `wsgate` command: run a config, check one, proxy in one line, or print the version.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use wsgate::{config, telemetry, Server};
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use wsgate::{config, quick, telemetry, Server};
 
 /// Requests and handshakes allocate many small, short-lived objects (header maps, channel
 /// cells, task cells); mimalloc serves those without glibc's bin management and trimming.
@@ -31,7 +33,7 @@ async fn return_freed_memory() {
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
-    /// The configuration file.
+    /// The configuration file (`proxy` takes none).
     #[arg(short, long, global = true, default_value = "config.toml")]
     config: PathBuf,
     #[command(subcommand)]
@@ -44,6 +46,58 @@ enum Command {
     Run,
     /// Validate the configuration, print every problem, and exit 0 (valid) or 2.
     Check,
+    /// Proxy one address to servers, without a config file: wsgate in one line
+    ///
+    /// Listens on --from and sends every request, WebSockets included, to the --to
+    /// servers (least connections first, failing over while nothing has been sent).
+    ///
+    /// It runs a config of one listener, one route for every host and path, and one
+    /// upstream, built from the flags and checked like a file: every default in the
+    /// README's "Configuration" applies, and a bad value exits 2 naming its flag.
+    /// Ctrl-C drains, a second one exits at once. For more, write a config.toml.
+    // Wrapped by hand for an 80-column terminal (and no full stop in the summary line).
+    #[command(verbatim_doc_comment)]
+    Proxy(ProxyArgs),
+}
+
+/// `wsgate proxy`'s flags, which `quick` turns into a config.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:\n  \
+    wsgate proxy --from 127.0.0.1:8080 --to 127.0.0.1:9000\n  \
+    wsgate proxy --from [::]:443 --to 10.0.0.5:9000 --to 10.0.0.6:9000 \\\n      \
+    --tls-cert site.pem --tls-key site.key")]
+struct ProxyArgs {
+    /// Listen here: ip:port (port 0: any free port, named in the `listening` log line).
+    #[arg(long, value_name = "IP:PORT")]
+    from: String,
+    /// A server: host:port, or https://host:port to speak TLS to it; repeat for more.
+    #[arg(long, value_name = "SERVER", required = true)]
+    to: Vec<String>,
+    /// Serve HTTPS (and HTTP/2) with this PEM certificate chain; needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<String>,
+    /// The PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<String>,
+    /// A log filter, e.g. "warn" or "wsgate=debug,info" [default: info; RUST_LOG wins].
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+}
+
+impl ProxyArgs {
+    fn flags(self) -> quick::Flags {
+        // clap's `requires` lets neither come alone.
+        let tls = self
+            .tls_cert
+            .zip(self.tls_key)
+            .map(|(cert, key)| quick::TlsFiles { cert, key });
+        quick::Flags {
+            from: self.from,
+            to: self.to,
+            tls,
+            log_level: self.log_level,
+        }
+    }
 }
 
 /// Exit status for a configuration that does not validate.
@@ -52,37 +106,78 @@ const EXIT_BAD_CONFIG: u8 = 2;
 const EXIT_INTERRUPTED: i32 = 130;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let config = match config::load(&cli.config) {
-        Ok(config) => config,
-        Err(err) => {
-            eprintln!("{}", telemetry::error_chain(&err));
-            if let config::Error::Invalid(problems) = &err {
-                eprintln!("{}: {} problem(s)", cli.config.display(), problems.len());
-            }
-            return ExitCode::from(EXIT_BAD_CONFIG);
-        }
-    };
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check => {
-            if let Err(err) = Server::check(&config) {
-                eprintln!("{}", telemetry::error_chain(&err));
-                return ExitCode::from(EXIT_BAD_CONFIG);
-            }
-            println!(
-                "{}: ok ({} listener(s), {} route(s), {} upstream(s))",
-                cli.config.display(),
-                config.listeners.len(),
-                config.routes.len(),
-                config.upstreams.len()
-            );
-            ExitCode::SUCCESS
+        Command::Run => match load(&cli.config) {
+            Ok(config) => run(config, Some(cli.config)),
+            Err(exit) => exit,
+        },
+        Command::Check => match load(&cli.config) {
+            Ok(config) => check(&config, &cli.config),
+            Err(exit) => exit,
+        },
+        Command::Proxy(args) => {
+            // `--config` has a default; only one typed out is a conflict.
+            let config_typed = matches.value_source("config") == Some(ValueSource::CommandLine);
+            proxy(args, config_typed)
         }
-        Command::Run => run(config, cli.config),
     }
 }
 
-fn run(config: wsgate::Config, config_path: PathBuf) -> ExitCode {
+/// `wsgate proxy`: the flags' config, run as a file's is (with no file for SIGHUP to read).
+fn proxy(args: ProxyArgs, config_typed: bool) -> ExitCode {
+    if config_typed {
+        let mut cli = Cli::command();
+        cli.build();
+        let usage = cli.find_subcommand_mut("proxy").expect("a subcommand");
+        usage
+            .error(
+                ErrorKind::ArgumentConflict,
+                "`wsgate proxy` takes no --config: its flags are the config",
+            )
+            .exit();
+    }
+    match quick::config(&args.flags()) {
+        Ok(config) => run(config, None),
+        Err(problems) => {
+            for problem in &problems {
+                eprintln!("{problem}");
+            }
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+    }
+}
+
+/// The config at `path`, or every problem printed and the exit status to return.
+fn load(path: &Path) -> Result<wsgate::Config, ExitCode> {
+    config::load(path).map_err(|err| {
+        eprintln!("{}", telemetry::error_chain(&err));
+        if let config::Error::Invalid(problems) = &err {
+            eprintln!("{}: {} problem(s)", path.display(), problems.len());
+        }
+        ExitCode::from(EXIT_BAD_CONFIG)
+    })
+}
+
+fn check(config: &wsgate::Config, path: &Path) -> ExitCode {
+    if let Err(err) = Server::check(config) {
+        eprintln!("{}", telemetry::error_chain(&err));
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    println!(
+        "{}: ok ({} listener(s), {} route(s), {} upstream(s))",
+        path.display(),
+        config.listeners.len(),
+        config.routes.len(),
+        config.upstreams.len()
+    );
+    ExitCode::SUCCESS
+}
+
+/// Serves `config` until a signal and its drain; `source`, the file it came from, is what
+/// SIGHUP reads again.
+fn run(config: wsgate::Config, source: Option<PathBuf>) -> ExitCode {
     telemetry::init(&config.log);
     let runtime = match config.workers {
         1 => tokio::runtime::Builder::new_current_thread()
@@ -107,7 +202,7 @@ fn run(config: wsgate::Config, config_path: PathBuf) -> ExitCode {
         // Installed before the listeners bind, so that a signal arriving as soon as wsgate
         // answers is already a drain, never the default action of dying on the spot.
         let mut signals = Signals::install()?;
-        let server = Server::bind(&config, Some(config_path)).await?;
+        let server = Server::bind(&config, source).await?;
         let reloader = server.reloader();
         let mut hangups = signals.hup.take().expect("installed");
         tokio::spawn(async move {

@@ -14,6 +14,7 @@ mod health;
 mod http;
 mod keepalive;
 mod logs;
+mod oneliner;
 mod reload;
 mod shutdown;
 mod socketio;

@@ -105,7 +105,7 @@ pub fn run(args: &[&str]) -> Output {
     }
 }
 
-/// `wsgate --config PATH` running in the background.
+/// `wsgate --config PATH` (or other arguments) running in the background.
 pub struct Gateway {
     child: Child,
     lines: mpsc::Receiver<String>,
@@ -124,6 +124,11 @@ impl Gateway {
         let mut command = command(&["--config", config]);
         command.envs(env.iter().copied());
         Gateway::start(command)
+    }
+
+    /// `wsgate ARGS` in the background, e.g. `proxy --from 127.0.0.1:0 --to ...`.
+    pub fn spawn_args(args: &[&str]) -> Gateway {
+        Gateway::start(command(args))
     }
 
     /// Starts wsgate the way systemd's socket activation does: `socket` as fd 3,
