@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::binary::{run, TempFile};
-use crate::support::raw::exchange;
+use crate::support::raw::{exchange, RawClient};
 use crate::support::*;
 
 const PYTHON: &str = "/usr/bin/python3";
@@ -560,5 +560,78 @@ fn a_public_admin_bind_without_allow_is_a_config_error() {
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn tls_handshake_failures_are_counted_by_listener_and_kind() {
+    if !parser_installed() {
+        return;
+    }
+    let backend = HttpBackend::start("a").await;
+    let pki = crate::support::tls::Pki::new();
+    let leaf = pki.issue("leaf", &["app.test"]);
+    let config = admin_config(&format!(
+        "{}\n[[listener]]\nname = \"secure\"\nbind = \"127.0.0.1:0\"\n[listener.tls]\ncertificates = [{{ cert = {:?}, key = {:?} }}]\n\n[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\n",
+        proxy_config(&[backend.addr]),
+        leaf.cert,
+        leaf.key
+    ));
+    let gw = TestGateway::start(&config).await;
+    let plain = exchange(gw.addr, "GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
+    assert_eq!(
+        plain.status(),
+        400,
+        "plain HTTP on the TLS port is answered"
+    );
+    let mut garbage = RawClient::connect(gw.addr).await;
+    garbage.send([0u8, 1, 2, 3]).await;
+    let _ = garbage.read_to_close().await;
+    let mut silent = RawClient::connect(gw.addr).await;
+    silent.shutdown_write().await;
+    let _ = silent.read_to_close().await;
+    let ok =
+        crate::support::tls::tls_connect(gw.addr, "app.test", pki.client_config(&[b"http/1.1"]))
+            .await;
+    assert!(ok.is_ok(), "a good handshake is not a failure");
+    eventually("three failures counted", || {
+        gw.listener
+            .tls_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 3
+    })
+    .await;
+    let samples = scrape(gw.admin.expect("admin")).await;
+    let v = |kind: &str| {
+        value(
+            &samples,
+            "wsgate_tls_handshake_failures_total",
+            &[("listener", "secure"), ("kind", kind)],
+        )
+    };
+    assert_eq!(
+        (
+            v("plain_http"),
+            v("not_tls"),
+            v("closed"),
+            v("handshake"),
+            v("timeout")
+        ),
+        (1.0, 1.0, 1.0, 0.0, 0.0)
+    );
+    assert!(
+        !samples
+            .iter()
+            .any(|s| s.name == "wsgate_tls_handshake_failures_total"
+                && s.labels["listener"] == "plain"),
+        "a plain listener has no TLS series"
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "wsgate_connections_total",
+            &[("listener", "plain")]
+        ),
+        0.0
     );
 }
