@@ -18,6 +18,7 @@ mod reload;
 mod shutdown;
 mod socketio;
 mod sockets;
+mod status_page;
 mod sticky;
 mod tls;
 mod upstream_tls;
