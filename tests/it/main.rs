@@ -19,6 +19,7 @@ mod reload;
 mod shutdown;
 mod socketio;
 mod sockets;
+mod status_page;
 mod sticky;
 mod tls;
 mod upstream_tls;

@@ -1,7 +1,8 @@
 //! A real browser as a child process, and the origin it talks to: headless Chromium (Debian's
 //! `chromium` package, which `.ci/run` installs) in its own process group with a fresh profile,
-//! killed and cleaned up on drop; and a backend that serves one page, a WebSocket echo at
-//! `/ws`, and collects what the page reports through `fetch("/report?...")`.
+//! killed and cleaned up on drop, optionally driven over the DevTools protocol (`devtools.rs`);
+//! and a backend that serves one page, a WebSocket echo at `/ws`, and collects what the page
+//! reports through `fetch("/report?...")`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -46,8 +47,18 @@ impl Chromium {
 
     /// Starts Chromium on `url`. Certificate errors are ignored (the test CA is not in its
     /// store); QUIC and background services are off, and every name but `localhost` fails to
-    /// resolve, so the only traffic is the page's.
+    /// resolve (IP literals too: pages use `localhost`), so the only traffic is the page's.
     pub fn open(url: &str) -> Chromium {
+        Chromium::launch(url, &[])
+    }
+
+    /// Starts Chromium on `about:blank` with the DevTools protocol on a loopback port of its
+    /// choosing, which `devtools_endpoint` reads once it listens.
+    pub fn with_devtools() -> Chromium {
+        Chromium::launch("about:blank", &["--remote-debugging-port=0"])
+    }
+
+    fn launch(url: &str, extra: &[&str]) -> Chromium {
         static COUNT: AtomicUsize = AtomicUsize::new(0);
         let n = COUNT.fetch_add(1, Ordering::Relaxed);
         let dir =
@@ -69,6 +80,7 @@ impl Chromium {
                 // Loopback only: it still asks Google for the time, updates and accounts.
                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost",
             ])
+            .args(extra)
             .arg(format!("--user-data-dir={}", dir.join("profile").display()))
             .arg(url)
             // Everything it writes outside the profile (crash reports, the NSS database, its
@@ -95,10 +107,32 @@ impl Chromium {
 
     /// The end of what it wrote to stderr, without its D-Bus complaints (there is no bus).
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.join("chromium.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().filter(|l| !l.contains("dbus")).collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        log_tail(&self.log_path())
     }
+
+    /// The file its stderr goes to (removed on drop, with the rest of its folder).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("chromium.log")
+    }
+
+    /// The browser's DevTools WebSocket URL, once `--remote-debugging-port=0` has bound: it
+    /// writes the port and the browser target's path to `DevToolsActivePort` in its profile.
+    pub fn devtools_endpoint(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.dir.join("profile/DevToolsActivePort")).ok()?;
+        let mut lines = text.lines();
+        let port: u16 = lines.next()?.trim().parse().ok()?;
+        // Both lines, or the file is still being written.
+        let path = lines.next()?.trim();
+        path.starts_with("/devtools/browser/")
+            .then(|| format!("ws://127.0.0.1:{port}{path}"))
+    }
+}
+
+/// The end of a Chromium log, without its D-Bus complaints (there is no bus).
+pub fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.contains("dbus")).collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 impl Drop for Chromium {

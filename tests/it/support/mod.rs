@@ -6,6 +6,7 @@ pub mod backend;
 pub mod binary;
 pub mod browser;
 pub mod client;
+pub mod devtools;
 pub mod health;
 pub mod pattern;
 pub mod raw;
