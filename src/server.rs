@@ -449,7 +449,7 @@ impl Server {
                     match &result {
                         Ok(summary) => {
                             self.reload_stats.succeeded(summary.describe());
-                            file = FileWatch::new(self.source.clone(), &self.config.reload);
+                            file = file.renewed(self.source.clone(), &self.config.reload);
                         }
                         Err(err) => self.reload_stats.rejected(telemetry::error_chain(err)),
                     }
@@ -763,6 +763,20 @@ impl FileWatch {
             path,
             interval: reload.watch_interval,
             seen,
+        }
+    }
+
+    /// The watch after a reload, with the new config's settings. What it last saw is kept: a
+    /// change made while the reload ran (after the file was read) is still a change, which
+    /// a fresh look would take as the baseline and miss.
+    fn renewed(self, source: Option<PathBuf>, reload: &config::Reload) -> FileWatch {
+        let fresh = FileWatch::new(source, reload);
+        match (&self.path, &fresh.path) {
+            (Some(before), Some(now)) if before == now => FileWatch {
+                seen: self.seen,
+                ..fresh
+            },
+            _ => fresh,
         }
     }
 
