@@ -5,6 +5,7 @@ mod support;
 
 mod browser;
 mod config;
+mod deploy;
 mod edge;
 mod errors;
 mod frames;
