@@ -6,6 +6,7 @@ mod support;
 mod admin;
 mod browser;
 mod config;
+mod deploy;
 mod edge;
 mod errors;
 mod frames;
