@@ -2,7 +2,8 @@
 //! checked for what can be checked without a cluster, a Docker daemon or a running systemd:
 //! every config they carry passes `wsgate check`, the units pass `systemd-analyze verify`,
 //! and the numbers that must agree across files (drain period and stop timeouts, listener
-//! addresses and sockets or ports, probe paths, metric names) do. A part whose tool is missing
+//! addresses and sockets or ports, probe paths, and the dashboard's metric names and labels, which
+//! are checked against what a running gateway's /metrics exports) do. A part whose tool is missing
 //! prints `SKIP deploy test: ...` and passes; `.ci/run` installs them (Debian's `systemd` for
 //! systemd-analyze, `python3-yaml` to read the Kubernetes manifest).
 
@@ -659,67 +660,63 @@ enum Kind {
 }
 
 /// A metric's name, type and labels.
-type Metric = (&'static str, Kind, &'static [&'static str]);
+type Metric = (String, Kind, BTreeSet<String>);
 
-/// Issue 14's metric table: every series the admin listener's `/metrics` exports.
-const METRICS: &[Metric] = &[
-    ("wsgate_build_info", Kind::Gauge, &["version"]),
-    ("wsgate_requests_total", Kind::Counter, &["route", "class"]),
-    (
-        "wsgate_upstream_response_seconds",
-        Kind::Histogram,
-        &["upstream"],
-    ),
-    ("wsgate_connections_open", Kind::Gauge, &["listener"]),
-    ("wsgate_connections_total", Kind::Counter, &["listener"]),
-    ("wsgate_tunnels_open", Kind::Gauge, &["route", "protocol"]),
-    (
-        "wsgate_server_tunnels_open",
-        Kind::Gauge,
-        &["upstream", "server", "protocol"],
-    ),
-    (
-        "wsgate_tunnel_duration_seconds",
-        Kind::Histogram,
-        &["route"],
-    ),
-    (
-        "wsgate_tunnel_bytes_total",
-        Kind::Counter,
-        &["route", "direction"],
-    ),
-    (
-        "wsgate_websocket_closes_total",
-        Kind::Counter,
-        &["side", "code"],
-    ),
-    (
-        "wsgate_handshake_refusals_total",
-        Kind::Counter,
-        &["reason"],
-    ),
-    (
-        "wsgate_tls_handshake_failures_total",
-        Kind::Counter,
-        &["listener", "kind"],
-    ),
-    (
-        "wsgate_upstream_connect_failures_total",
-        Kind::Counter,
-        &["upstream", "server"],
-    ),
-    (
-        "wsgate_upstream_server_healthy",
-        Kind::Gauge,
-        &["upstream", "server"],
-    ),
-    ("wsgate_config_reloads_total", Kind::Counter, &["result"]),
-    (
-        "wsgate_config_last_reload_success_timestamp_seconds",
-        Kind::Gauge,
-        &[],
-    ),
-];
+/// What `/metrics` exports, read from a running gateway (with a TLS listener, a route and an
+/// upstream, so that every family has a series) rather than from a second copy of the table
+/// that could drift from the code.
+fn exported_metrics() -> &'static [Metric] {
+    static METRICS: std::sync::OnceLock<Vec<Metric>> = std::sync::OnceLock::new();
+    METRICS.get_or_init(|| {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let text = runtime.block_on(async {
+            let pki = Pki::new();
+            let leaf = pki.issue("leaf", &["app.test"]);
+            let config = format!(
+                "{}\n[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\n[listener.tls]\ncertificates = [{{ cert = {:?}, key = {:?} }}]\n\n[admin]\nbind = \"127.0.0.1:0\"\n",
+                crate::support::proxy_config(&["127.0.0.1:9".parse().unwrap()]),
+                leaf.cert,
+                leaf.key
+            );
+            let gw = crate::support::TestGateway::start(&config).await;
+            let admin = gw.admin.expect("admin");
+            crate::support::get(admin, "admin", "/metrics").await.text().to_owned()
+        });
+        let mut families: BTreeMap<String, (Kind, BTreeSet<String>)> = BTreeMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("# TYPE name type");
+                let kind = match kind {
+                    "counter" => Kind::Counter,
+                    "gauge" => Kind::Gauge,
+                    "histogram" => Kind::Histogram,
+                    other => panic!("unexpected metric type {other}"),
+                };
+                families.insert(name.to_owned(), (kind, BTreeSet::new()));
+            } else if !line.starts_with('#') && !line.is_empty() {
+                let series = line.split(['{', ' ']).next().expect("a series name");
+                let family = families
+                    .iter_mut()
+                    .rev()
+                    .find(|(name, _)| series.starts_with(name.as_str()))
+                    .expect("a sample of a declared family");
+                if let Some((_, labels)) = line.split_once('{') {
+                    let labels = labels.split('}').next().expect("closed labels");
+                    for pair in labels.split(',').filter(|p| !p.is_empty()) {
+                        let name = pair.split('=').next().expect("name=value");
+                        if name != "le" {
+                            family.1 .1.insert(name.to_owned());
+                        }
+                    }
+                }
+            }
+        }
+        families
+            .into_iter()
+            .map(|(name, (kind, labels))| (name, kind, labels))
+            .collect()
+    })
+}
 
 /// Labels Prometheus adds to every scraped series.
 const TARGET_LABELS: &[&str] = &["job", "instance"];
@@ -839,7 +836,7 @@ fn promql_uses(expr: &str) -> Uses {
 
 /// The spec metric a series name belongs to, and whether it names a histogram's `_bucket`.
 fn metric_of(series: &str) -> Option<(&'static Metric, bool)> {
-    if let Some(m) = METRICS
+    if let Some(m) = exported_metrics()
         .iter()
         .find(|m| m.0 == series && m.1 != Kind::Histogram)
     {
@@ -847,7 +844,7 @@ fn metric_of(series: &str) -> Option<(&'static Metric, bool)> {
     }
     for suffix in ["_bucket", "_sum", "_count"] {
         if let Some(base) = series.strip_suffix(suffix) {
-            if let Some(m) = METRICS
+            if let Some(m) = exported_metrics()
                 .iter()
                 .find(|m| m.0 == base && m.1 == Kind::Histogram)
             {
@@ -924,10 +921,10 @@ fn grafana_dashboard_is_a_dashboard_over_the_spec_metrics() {
             let mut labels: BTreeSet<&str> = TARGET_LABELS.iter().copied().collect();
             for (series, before) in &uses.series {
                 let Some((metric, bucket)) = metric_of(series) else {
-                    panic!("{title}: {series} is not in the spec's metric table ({expr})");
+                    panic!("{title}: {series} is not a metric /metrics exports ({expr})");
                 };
-                used.insert(metric.0);
-                labels.extend(metric.2.iter().copied());
+                used.insert(metric.0.as_str());
+                labels.extend(metric.2.iter().map(String::as_str));
                 if bucket {
                     labels.insert("le");
                 }
@@ -955,9 +952,9 @@ fn grafana_dashboard_is_a_dashboard_over_the_spec_metrics() {
             }
         }
     }
-    let unused: Vec<&str> = METRICS
+    let unused: Vec<&str> = exported_metrics()
         .iter()
-        .map(|m| m.0)
+        .map(|m| m.0.as_str())
         .filter(|m| !used.contains(m))
         .collect();
     assert!(unused.is_empty(), "metrics with no panel: {unused:?}");
