@@ -3,7 +3,7 @@
 //! to the `admin.allow` ranges only. It reads counters where they live; it changes nothing.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -208,11 +208,6 @@ pub fn status(state: &State) -> serde_json::Value {
             "recent": reloads.recent(),
         },
     })
-}
-
-/// The admin socket, bound at start so that a port in use fails before anything serves.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 #[cfg(test)]

@@ -29,6 +29,40 @@ async fn return_freed_memory() {
     }
 }
 
+/// Every WebSocket holds two descriptors, and containers (containerd 2, Docker 29) start
+/// processes with a soft limit of 1024: about 500 tunnels. The soft limit is raised to the
+/// hard one, as Go's runtime does at start; the hard limit stays the operator's to set.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed by reference.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur >= limit.rlim_max {
+        return;
+    }
+    let soft = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+        tracing::debug!(
+            from = soft,
+            to = limit.rlim_max,
+            "raised the open files limit to its hard limit"
+        );
+    } else {
+        tracing::warn!(
+            soft,
+            hard = limit.rlim_max,
+            websockets = soft / 2,
+            "cannot raise the open files limit: only about this many WebSockets fit"
+        );
+    }
+}
+
 /// A reverse proxy whose core is WebSocket passthrough.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -179,6 +213,7 @@ fn check(config: &wsgate::Config, path: &Path) -> ExitCode {
 /// SIGHUP reads again.
 fn run(config: wsgate::Config, source: Option<PathBuf>) -> ExitCode {
     telemetry::init(&config.log);
+    raise_open_files_limit();
     let runtime = match config.workers {
         1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()

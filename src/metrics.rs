@@ -131,6 +131,40 @@ impl StatusCounts {
 /// How many reloads the status page lists.
 const RECENT_RELOADS: usize = 10;
 
+/// The reasons `wsgate_handshake_refusals_total` counts (431, which hyper answers itself, is
+/// counted by the listener).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    BadRequest,
+    Origin,
+    UpgradeRequired,
+    RateLimited,
+}
+
+const REFUSALS: [(Refusal, &str); 4] = [
+    (Refusal::BadRequest, "bad_request"),
+    (Refusal::Origin, "origin"),
+    (Refusal::UpgradeRequired, "upgrade_required"),
+    (Refusal::RateLimited, "rate_limited"),
+];
+
+#[derive(Debug, Default)]
+pub struct Refusals([AtomicU64; 4]);
+
+impl Refusals {
+    pub fn record(&self, refusal: Refusal) {
+        self.0[refusal as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Each reason's label and count.
+    pub fn each(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        REFUSALS.iter().map(|(refusal, label)| {
+            let n = self.0[*refusal as usize].load(Ordering::Relaxed);
+            (*label, n)
+        })
+    }
+}
+
 /// Reloads, counted by the reload loop.
 #[derive(Debug, Default)]
 pub struct ReloadStats {
@@ -450,17 +484,30 @@ impl Collector for Gateway {
             .iter()
             .map(|l| load(&l.stats.headers_too_large))
             .sum();
+        let mut refusals = Vec::new();
+        for route in routes {
+            for (reason, n) in route.stats.refusals.each() {
+                refusals.push((
+                    vec![("route", &*route.name), ("reason", reason)],
+                    counter(n),
+                ));
+            }
+        }
+        // 431 is answered by hyper before any route is known.
+        for (reason, n) in sources
+            .proxy
+            .refusals
+            .each()
+            .chain([("headers_too_large", too_large)])
+        {
+            refusals.push((vec![("route", "-"), ("reason", reason)], counter(n)));
+        }
         family(
             e,
             "wsgate_handshake_refusals",
-            "Requests and handshakes refused before any backend was asked, by reason.",
+            "Requests and handshakes refused before any backend was asked, by route (\"-\": none known) and reason.",
             MetricType::Counter,
-            sources
-                .proxy
-                .refusals
-                .each()
-                .chain([("headers_too_large", too_large)])
-                .map(|(reason, n)| (vec![("reason", reason)], counter(n))),
+            refusals,
         )?;
 
         let mut tls = Vec::new();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::config::{self, Action, HostPattern};
-use crate::metrics::{CloseCodes, Histogram, StatusCounts};
+use crate::metrics::{CloseCodes, Histogram, Refusals, StatusCounts};
 
 /// What a matched route does, plus its live counters.
 #[derive(Debug)]
@@ -54,6 +54,8 @@ pub struct RouteStats {
     pub tunnels_over_h2: AtomicU64,
     /// What closed tunnels carried and how they ended.
     pub tunnel: TunnelStats,
+    /// Requests and handshakes refused before the upstream was asked.
+    pub refusals: Refusals,
 }
 
 /// Recorded once per tunnel, when it closes: counting bytes as they move would put a shared

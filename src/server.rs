@@ -319,21 +319,22 @@ impl Server {
                 stats: Arc::default(),
             });
         }
-        inherited.warn_unclaimed();
+        // Like a listener's: inherited from systemd (named "admin") or bound, with reuse_port
+        // when asked, so that restarts and upgrades keep it too.
         let admin = match &config.admin {
             None => None,
             Some(admin) => {
                 let socket =
-                    crate::admin::bind(admin.bind)
-                        .await
+                    sockets::listen_at("admin", admin.bind, admin.reuse_port, &mut inherited)
                         .map_err(|source| Error::Bind {
                             listener: "admin".to_owned(),
                             address: admin.bind,
                             source,
                         })?;
-                Some((socket, admin.allow.clone()))
+                Some((socket.listener, admin.allow.clone()))
             }
         };
+        inherited.warn_unclaimed();
         let certificates = Certificates::default();
         certificates.replace(config, &terminators);
         let tunnels = Tracker::default();

@@ -192,14 +192,29 @@ fn passed(
 
 /// The socket `listener` serves on: inherited if systemd passed one for it, else bound.
 pub fn listen(listener: &config::Listener, inherited: &mut Inherited) -> io::Result<Socket> {
-    if let Some(socket) = inherited.take(&listener.name, listener.bind) {
+    listen_at(
+        &listener.name,
+        listener.bind,
+        listener.reuse_port,
+        inherited,
+    )
+}
+
+/// The socket named `name` (a listener's name, or `admin`) at `bind`: inherited, else bound.
+pub fn listen_at(
+    name: &str,
+    bind_to: SocketAddr,
+    reuse_port: bool,
+    inherited: &mut Inherited,
+) -> io::Result<Socket> {
+    if let Some(socket) = inherited.take(name, bind_to) {
         return Ok(Socket {
             listener: TcpListener::from_std(socket)?,
             inherited: true,
         });
     }
     Ok(Socket {
-        listener: bind(listener.bind, listener.reuse_port)?,
+        listener: bind(bind_to, reuse_port)?,
         inherited: false,
     })
 }

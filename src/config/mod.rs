@@ -43,6 +43,8 @@ pub struct Admin {
     pub bind: SocketAddr,
     /// Peers allowed to connect; empty means loopback only.
     pub allow: CidrSet,
+    /// Bind with SO_REUSEPORT, so that a new process can start beside the old one.
+    pub reuse_port: bool,
 }
 
 #[derive(Debug, Clone)]

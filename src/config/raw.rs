@@ -33,6 +33,8 @@ pub struct Admin {
     pub bind: Spanned<String>,
     #[serde(default)]
     pub allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub reuse_port: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -6,6 +6,7 @@ use http::{Response, StatusCode};
 
 use super::body::ProxyBody;
 use super::policy::{OriginRefused, TunnelRefused};
+use crate::metrics::Refusal;
 use crate::telemetry::error_chain;
 use crate::upstream;
 use crate::websocket::HandshakeError;
@@ -140,40 +141,6 @@ pub struct RequestLabels<'a> {
     pub path: &'a str,
     pub route: Option<&'a str>,
     pub client: std::net::SocketAddr,
-}
-
-/// The reasons `wsgate_handshake_refusals_total` counts (431, which hyper answers itself, is
-/// counted by the listener).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    BadRequest,
-    Origin,
-    UpgradeRequired,
-    RateLimited,
-}
-
-const REFUSALS: [(Refusal, &str); 4] = [
-    (Refusal::BadRequest, "bad_request"),
-    (Refusal::Origin, "origin"),
-    (Refusal::UpgradeRequired, "upgrade_required"),
-    (Refusal::RateLimited, "rate_limited"),
-];
-
-#[derive(Debug, Default)]
-pub struct Refusals([std::sync::atomic::AtomicU64; 4]);
-
-impl Refusals {
-    pub fn record(&self, refusal: Refusal) {
-        self.0[refusal as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Each reason's label and count.
-    pub fn each(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        REFUSALS.iter().map(|(refusal, label)| {
-            let n = self.0[*refusal as usize].load(std::sync::atomic::Ordering::Relaxed);
-            (*label, n)
-        })
-    }
 }
 
 pub fn respond(err: ProxyError, labels: &RequestLabels<'_>) -> Response<ProxyBody> {

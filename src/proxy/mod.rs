@@ -71,7 +71,8 @@ pub struct Proxy {
 pub struct ProxyStats {
     /// Answers to requests no route matched (404, and refusals before routing).
     pub unrouted: StatusCounts,
-    pub refusals: error::Refusals,
+    /// Refusals of requests no route matched (none yet: every refusal comes after routing).
+    pub refusals: crate::metrics::Refusals,
 }
 
 /// A validated upgrade waiting for the upstream's 101.
@@ -193,7 +194,10 @@ impl Proxy {
             }
             Err(err) => {
                 if let Some(reason) = err.refusal() {
-                    self.stats.refusals.record(reason);
+                    match route {
+                        Some(route) => route.stats.refusals.record(reason),
+                        None => self.stats.refusals.record(reason),
+                    }
                 }
                 error::respond(
                     err,

@@ -280,31 +280,15 @@ async fn metrics_count_a_known_sequence_exactly() {
         ),
         2.0
     );
-    assert_eq!(
-        v(
-            "wsgate_handshake_refusals_total",
-            &[("reason", "upgrade_required")]
-        ),
-        1.0
-    );
-    assert_eq!(
-        v("wsgate_handshake_refusals_total", &[("reason", "origin")]),
-        1.0
-    );
-    assert_eq!(
-        v(
-            "wsgate_handshake_refusals_total",
-            &[("reason", "headers_too_large")]
-        ),
-        1.0
-    );
-    assert_eq!(
-        v(
-            "wsgate_handshake_refusals_total",
-            &[("reason", "rate_limited")]
-        ),
-        0.0
-    );
+    let refusals = |route: &str, reason: &str| {
+        let labels = [("route", route), ("reason", reason)];
+        value(&samples, "wsgate_handshake_refusals_total", &labels)
+    };
+    assert_eq!(refusals("chat", "upgrade_required"), 1.0);
+    assert_eq!(refusals("chat", "origin"), 1.0);
+    assert_eq!(refusals("chat", "rate_limited"), 0.0);
+    assert_eq!(refusals("api", "origin"), 0.0);
+    assert_eq!(refusals("-", "headers_too_large"), 1.0);
     assert_eq!(
         v(
             "wsgate_tunnels_open",

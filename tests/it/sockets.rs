@@ -213,3 +213,33 @@ fn reuse_port_lets_a_second_instance_start_on_the_same_address_while_the_first_d
     assert_eq!(who(addr), "second");
     stop(second);
 }
+
+/// `Max open files` soft and hard limits of a running process, from /proc.
+fn open_files_limits(pid: u32) -> Option<(String, String)> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    Some((fields.next()?.to_owned(), fields.next()?.to_owned()))
+}
+
+#[test]
+fn a_low_open_files_soft_limit_is_raised_to_the_hard_limit() {
+    let here = open_files_limits(std::process::id()).expect("/proc/self/limits");
+    if here.1 != "unlimited" && here.1.parse::<u64>().is_ok_and(|hard| hard <= 512) {
+        eprintln!(
+            "SKIP open files test: the hard limit {} leaves nothing to raise",
+            here.1
+        );
+        return;
+    }
+    let config = TempFile::new(
+        "nofile",
+        &respond_config("[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n"),
+    );
+    let mut gateway = Gateway::spawn_with_soft_nofile(&config.path, 512);
+    assert_up(gateway.listening_address());
+    let (soft, hard) = open_files_limits(gateway.pid()).expect("the gateway's limits");
+    assert_eq!(soft, hard, "started with a soft limit of 512");
+    assert_ne!(soft, "512");
+    stop(gateway);
+}

@@ -54,7 +54,11 @@ impl Validator<'_> {
                 format!("admin: bind {bind} is reachable beyond this machine: add allow = [\"10.0.0.0/8\", ...] naming who may read metrics and status, or bind 127.0.0.1"),
             );
         }
-        Some(crate::config::Admin { bind, allow })
+        Some(crate::config::Admin {
+            bind,
+            allow,
+            reuse_port: raw.reuse_port,
+        })
     }
 
     pub(super) fn listeners(&mut self, raw: Vec<raw::Listener>) -> Vec<Listener> {

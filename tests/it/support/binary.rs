@@ -131,6 +131,31 @@ impl Gateway {
         Gateway::start(command(args))
     }
 
+    /// `spawn`, started with an open-files soft limit of `soft` (as a container runtime does).
+    pub fn spawn_with_soft_nofile(config: &Path, soft: u64) -> Gateway {
+        let config = config.to_str().expect("UTF-8 temp path");
+        let mut command = command(&["--config", config]);
+        // SAFETY: the hook runs in the forked child before exec and calls only getrlimit and
+        // setrlimit, which are async-signal-safe; it allocates nothing and takes no lock.
+        unsafe {
+            command.pre_exec(move || {
+                let mut limit = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                limit.rlim_cur = soft.min(limit.rlim_max);
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Gateway::start(command)
+    }
+
     /// Starts wsgate the way systemd's socket activation does: `socket` as fd 3,
     /// `LISTEN_FDS=1`, `LISTEN_PID` its own pid and, if given, `LISTEN_FDNAMES`.
     pub fn spawn_with_socket(
