@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 
 use crate::support::raw::RawClient;
-use crate::support::tls::{tls_connect, Pki};
+use crate::support::tls::{http1_over_tls, Pki};
 use crate::support::ws::{frame, handshake, WsBackend, TEXT};
 use crate::support::*;
 
@@ -198,16 +197,7 @@ async fn tls_keep_alive_connections_are_parked_and_served_again() {
         issued.key
     );
     let gw = TestGateway::start(&config).await;
-    let stream = tls_connect(gw.addr, "a.test", pki.client_config(&[b"http/1.1"]))
-        .await
-        .expect("TLS handshake");
-    let (mut sender, connection) = within(
-        WAIT,
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)),
-    )
-    .await
-    .expect("HTTP/1 handshake");
-    tokio::spawn(connection);
+    let mut sender = http1_over_tls(gw.addr, "a.test", &pki).await;
     for round in 0..3 {
         let path = format!("/tls/{round}");
         let request = Request::get(&path)

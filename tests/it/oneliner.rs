@@ -9,13 +9,12 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::support::binary::{self, Gateway};
-use crate::support::tls::{tls_connect, Pki};
+use crate::support::tls::{http1_over_tls, tls_connect, wss_connect, Pki};
 use crate::support::*;
 
 /// `wsgate proxy --from 127.0.0.1:0 ARGS`, and the address its `listening` line announces.
@@ -121,16 +120,7 @@ async fn tls_flags_serve_https_and_wss() {
         .expect("TLS handshake");
     assert_eq!(h2.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     drop(h2);
-    let stream = tls_connect(addr, "a.test", pki.client_config(&[b"http/1.1"]))
-        .await
-        .expect("TLS handshake");
-    let (mut sender, connection) = within(
-        WAIT,
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)),
-    )
-    .await
-    .expect("HTTP/1 handshake");
-    tokio::spawn(connection);
+    let mut sender = http1_over_tls(addr, "a.test", &pki).await;
     let request = Request::get("/secure")
         .header("host", "a.test")
         .body(Empty::<Bytes>::new())
@@ -150,15 +140,7 @@ async fn tls_flags_serve_https_and_wss() {
     let ws_backend = WsBackend::start("ws").await;
     let ws_addr = ws_backend.addr.to_string();
     let (gateway, addr) = proxy(&["--to", &ws_addr, "--tls-cert", cert, "--tls-key", key]);
-    let stream = tls_connect(addr, "a.test", pki.client_config(&[b"http/1.1"]))
-        .await
-        .expect("TLS handshake");
-    let (mut ws, response) = within(
-        WAIT,
-        tokio_tungstenite::client_async("wss://a.test/chat", stream),
-    )
-    .await
-    .expect("wss handshake");
+    let (mut ws, response) = wss_connect(addr, "a.test", &pki, "wss://a.test/chat").await;
     assert_eq!(response.status(), 101);
     echo(&mut ws, "over wss").await;
     within(WAIT, ws.close(None)).await.unwrap();

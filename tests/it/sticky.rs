@@ -234,16 +234,7 @@ async fn the_sticky_cookie_is_secure_on_a_tls_listener() {
         leaf.key
     );
     let gw = TestGateway::start(&config).await;
-    let stream = tls::tls_connect(gw.addr, "app.test", pki.client_config(&[b"http/1.1"]))
-        .await
-        .expect("TLS handshake");
-    let (mut sender, connection) = within(
-        WAIT,
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)),
-    )
-    .await
-    .expect("HTTP/1.1 over TLS");
-    tokio::spawn(connection);
+    let mut sender = tls::http1_over_tls(gw.addr, "app.test", &pki).await;
     let response = within(
         WAIT,
         sender.send_request(request("GET", "app.test", "/").body(empty()).unwrap()),

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::binary::{self, TempFile};
-use crate::support::tls::{served_certificate, tls_connect, Issued, Pki};
+use crate::support::tls::{served_certificate, tls_connect, wss_connect, Issued, Pki};
 use crate::support::{
     eventually, proxy_config, within, HttpBackend, RawClient, TestGateway, WsBackend, WAIT,
 };
@@ -144,15 +144,7 @@ async fn wss_echo_through_tls_termination() {
     let site = site();
     let config = tls_config(&[&site.exact], "", &proxy_config(&[backend.addr]));
     let gw = TestGateway::start(&config).await;
-    let stream = tls_connect(gw.addr, "a.test", site.pki.client_config(&[b"http/1.1"]))
-        .await
-        .unwrap();
-    let (mut ws, response) = within(
-        WAIT,
-        tokio_tungstenite::client_async("wss://a.test/chat", stream),
-    )
-    .await
-    .expect("wss handshake");
+    let (mut ws, response) = wss_connect(gw.addr, "a.test", &site.pki, "wss://a.test/chat").await;
     assert_eq!(response.status(), 101);
     for size in [0usize, 125, 126, 65_536, 1 << 20] {
         let payload = vec![(size % 251) as u8; size];

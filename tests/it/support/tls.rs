@@ -163,6 +163,49 @@ pub async fn tls_connect(
     within(WAIT, TlsConnector::from(config).connect(name, stream)).await
 }
 
+/// An HTTP/1.1 client over TLS to `addr` for `server_name`, trusting `pki`'s CA; the
+/// connection is driven by a task of its own.
+pub async fn http1_over_tls<B>(
+    addr: SocketAddr,
+    server_name: &str,
+    pki: &Pki,
+) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tls_connect(addr, server_name, pki.client_config(&[b"http/1.1"]))
+        .await
+        .expect("TLS handshake");
+    let (sender, connection) = within(
+        WAIT,
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)),
+    )
+    .await
+    .expect("HTTP/1 handshake");
+    tokio::spawn(connection);
+    sender
+}
+
+/// A `wss://` WebSocket to `url` through the TLS listener at `addr`, trusting `pki`'s CA.
+pub async fn wss_connect(
+    addr: SocketAddr,
+    server_name: &str,
+    pki: &Pki,
+    url: &str,
+) -> (
+    tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+) {
+    let stream = tls_connect(addr, server_name, pki.client_config(&[b"http/1.1"]))
+        .await
+        .expect("TLS handshake");
+    within(WAIT, tokio_tungstenite::client_async(url, stream))
+        .await
+        .expect("wss handshake")
+}
+
 /// The leaf certificate the server presented.
 pub fn served_certificate(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
     stream
