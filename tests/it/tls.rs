@@ -327,6 +327,9 @@ async fn websockets_over_one_http2_connection() {
     }
     assert_eq!(gw.route_stats("app").tunnels_open.load(SeqCst), 3);
     assert_eq!(gw.route_stats("app").tunnels_over_h2.load(SeqCst), 3);
+    // What wsgate_tunnels_open{protocol="h2"} and wsgate_server_tunnels_open read.
+    assert_eq!(gw.route_stats("app").tunnels_open_h2.load(SeqCst), 3);
+    assert_eq!(gw.endpoint("app", 0).tunnels_over_h2(), 3);
     // Interleaved traffic: every stream gets its own echoes back.
     for round in 0..3 {
         for (i, ws) in sockets.iter_mut().enumerate() {
@@ -344,6 +347,8 @@ async fn websockets_over_one_http2_connection() {
     }
     let stats = gw.route_stats("app");
     eventually("tunnels closed", || stats.tunnels_open.load(SeqCst) == 0).await;
+    assert_eq!(stats.tunnels_open_h2.load(SeqCst), 0);
+    assert_eq!(gw.endpoint("app", 0).tunnels_over_h2(), 0);
 }
 
 /// Shutdown closes a WebSocket that is an HTTP/2 stream the way it closes one over HTTP/1.1:
