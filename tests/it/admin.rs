@@ -213,11 +213,15 @@ async fn metrics_count_a_known_sequence_exactly() {
         .expect("a message");
     assert_eq!(echo, Message::text("12345"));
     close_with(closed, 4001).await;
+    // The route's count drops before the server's lease does: wait for both.
+    let chat_server = gw.endpoint("chat", 0);
     eventually("the closed tunnel is counted", || {
-        gw.route_stats("chat")
+        let route = gw.route_stats("chat");
+        route
             .tunnels_open
             .load(std::sync::atomic::Ordering::Relaxed)
             == 1
+            && chat_server.tunnels() == 1
     })
     .await;
     gw.reload(&config)
