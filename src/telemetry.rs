@@ -1,12 +1,15 @@
-//! Logging setup, and how errors are written into one log line.
+//! Logging setup (text or JSON lines on stderr), and how errors are written into one log line.
+
+mod json;
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
 
 use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::fmt::format::JsonFields;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::Log;
+use crate::config::{Log, LogFormat};
 
 /// Installs the global subscriber: `RUST_LOG`, when set, overrides the configured level.
 pub fn init(log: &Log) {
@@ -26,11 +29,17 @@ pub fn init(log: &Log) {
         std::io::stderr().is_terminal(),
         std::env::var_os("NO_COLOR"),
     );
-    let _ = tracing_subscriber::fmt()
+    let lines = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match log.format {
+        LogFormat::Text => lines.with_ansi(ansi).try_init(),
+        LogFormat::Json => lines
+            .with_ansi(false)
+            .fmt_fields(JsonFields::new())
+            .event_format(json::Json)
+            .try_init(),
+    };
     if let Some((directives, err)) = rejected {
         tracing::warn!(
             rust_log = %directives,

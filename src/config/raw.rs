@@ -31,6 +31,7 @@ pub struct Config {
 pub struct Log {
     pub level: Option<Spanned<String>>,
     pub access: Option<bool>,
+    pub format: Option<Spanned<String>>,
 }
 
 /// Durations are strings such as `"5s"`, `"250ms"`, `"2m"` or `"1h"`.
