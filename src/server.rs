@@ -23,6 +23,7 @@ use crate::shutdown::{self, Signal, Tracker, Trigger};
 use crate::snapshot::{Current, Snapshot};
 use crate::sockets;
 use crate::telemetry;
+use crate::telemetry::fields as f;
 use crate::tls::{self, Terminator};
 use tokio::sync::Semaphore;
 
@@ -128,7 +129,11 @@ impl Reloader {
     /// is logged; a refused config names each of its problems.
     pub async fn reload_from_source(&self) {
         let Some(path) = &self.source else {
-            tracing::warn!("reload asked for, but the config was not read from a file");
+            tracing::warn!(
+                { f::EVENT } = f::event::RELOAD,
+                { f::OUTCOME } = "rejected",
+                "reload asked for, but the config was not read from a file"
+            );
             return;
         };
         let result = match config::load(path) {
@@ -143,7 +148,9 @@ impl Reloader {
             // The diagnostics are one per line, each `file:line:col: message`.
             for line in telemetry::error_chain(&err).lines() {
                 tracing::warn!(
-                    problem = line,
+                    { f::EVENT } = f::event::RELOAD,
+                    { f::OUTCOME } = "rejected",
+                    { f::PROBLEM } = line,
                     "config reload rejected; still serving the previous config"
                 );
             }
@@ -736,15 +743,17 @@ impl ReloadSummary {
 fn log_reload(summary: &ReloadSummary) {
     let list = |names: &[String]| names.join(",");
     tracing::info!(
-        listeners_added = list(&summary.listeners_added),
-        listeners_removed = list(&summary.listeners_removed),
-        routes_added = list(&summary.routes_added),
-        routes_removed = list(&summary.routes_removed),
-        upstreams_added = list(&summary.upstreams_added),
-        upstreams_removed = list(&summary.upstreams_removed),
-        servers_added = list(&summary.servers_added),
-        servers_removed = list(&summary.servers_removed),
-        tunnels_closing = summary.tunnels_closing,
+        { f::EVENT } = f::event::RELOAD,
+        { f::OUTCOME } = "applied",
+        { f::LISTENERS_ADDED } = list(&summary.listeners_added),
+        { f::LISTENERS_REMOVED } = list(&summary.listeners_removed),
+        { f::ROUTES_ADDED } = list(&summary.routes_added),
+        { f::ROUTES_REMOVED } = list(&summary.routes_removed),
+        { f::UPSTREAMS_ADDED } = list(&summary.upstreams_added),
+        { f::UPSTREAMS_REMOVED } = list(&summary.upstreams_removed),
+        { f::SERVERS_ADDED } = list(&summary.servers_added),
+        { f::SERVERS_REMOVED } = list(&summary.servers_removed),
+        { f::TUNNELS_CLOSING } = summary.tunnels_closing,
         "config reloaded"
     );
 }

@@ -10,7 +10,10 @@
 # GET /) for a SHORT and a LONG window. The figure is the slope, (Ir_long - Ir_short) /
 # (requests_long - requests_short), so that start-up and shutdown cancel out. The profiles
 # stay in OUT (default /tmp/wsgate-callgrind) for callgrind_annotate.
-# Environment: CONNS=10, SHORT=2, LONG=8 (seconds), OUT.
+# Environment: CONNS=10, SHORT=2, LONG=8 (seconds), OUT. LOG_LEVEL and LOG_ACCESS set `[log]
+# level` and `access` (default: the template's warn and false), to measure the logging path:
+# LOG_LEVEL=info LOG_ACCESS=true is the default config's. LOG_FORMAT, when set, adds `format`
+# (left out by default: a binary from before that key would refuse the config).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -19,6 +22,9 @@ CONNS=${CONNS:-10}
 SHORT=${SHORT:-2}
 LONG=${LONG:-8}
 OUT=${OUT:-/tmp/wsgate-callgrind}
+LOG_LEVEL=${LOG_LEVEL:-warn}
+LOG_ACCESS=${LOG_ACCESS:-false}
+LOG_FORMAT=${LOG_FORMAT:-}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 
 die() { echo "callgrind.sh: $*" >&2; exit 1; }
@@ -38,7 +44,8 @@ awk '/^\[\[listener\]\]$/ { held = $0; next }
      held != "" { if ($0 ~ /bench_tls/) skip = 1; else print held; held = "" }
      skip { if ($0 ~ /^certificates/) skip = 0; next }
      { print }' "$HERE/wsgate.toml.in" |
-    sed -e 's/@PROXY_PORT@/19001/' -e 's/@BACKEND_PORT@/19000/' >"$OUT/wsgate.toml"
+    sed -e 's/@PROXY_PORT@/19001/' -e 's/@BACKEND_PORT@/19000/' \
+        -e "s/^level = .*/level = \"$LOG_LEVEL\"/" -e "s/^access = .*/access = $LOG_ACCESS${LOG_FORMAT:+\\nformat = \"$LOG_FORMAT\"}/" >"$OUT/wsgate.toml"
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 

@@ -18,6 +18,8 @@
 #                    into <out>/perf/<scenario>.<target>.<repeat>.data (skipped without perf)
 #   WSGATE_BASE=bin  a wsgate release binary of another commit (build-base.sh makes one): the
 #                    wsgate_base target, run exactly as wsgate is and reported beside it
+#   LOG_LEVEL=warn LOG_ACCESS=false  wsgate's [log] level and access (both wsgate targets); info
+#                    and true are the default config's. LOG_FORMAT=json, when set, adds `format`
 #   OUT=dir          output folder (default: benches/compare/out/<timestamp>)
 #
 # Writes into the output folder: table.md (also printed), results.jsonl (one JSON line per
@@ -42,6 +44,9 @@ WARMUP=${WARMUP:-1}
 IDLE_BURST=${IDLE_BURST:-32}
 LONG_POLL_MS=${LONG_POLL_MS:-20000}
 PERF=${PERF:-0}
+LOG_LEVEL=${LOG_LEVEL:-warn}
+LOG_ACCESS=${LOG_ACCESS:-false}
+LOG_FORMAT=${LOG_FORMAT:-}
 # report.awk compares each with the better of nginx and haproxy, and wsgate with wsgate_base.
 ALL_TARGETS=(direct wsgate wsgate_base nginx haproxy)
 
@@ -305,6 +310,9 @@ start_target() {
         local bin=$WSGATE
         [[ $target == wsgate ]] || bin=$WSGATE_BASE
         render wsgate.toml.in "$OUT/conf/wsgate.toml" "$run"
+        sed -i -e "s/^level = .*/level = \"$LOG_LEVEL\"/" \
+            -e "s/^access = .*/access = $LOG_ACCESS${LOG_FORMAT:+\\nformat = \"$LOG_FORMAT\"}/" \
+            "$OUT/conf/wsgate.toml"
         start "$log" "$PROXY_CPU" "$bin" --config "$OUT/conf/wsgate.toml" run
         ;;
     nginx)
@@ -552,7 +560,8 @@ version() {
     echo "scenarios:   $(printf '%s\n' "${ROWS[@]}" | awk '{ printf "%s ", $1 }')"
     echo "duration:    ${DURATION} s per window, warm-up ${WARMUP} s, repeats ${REPEAT}"
     echo "placement:   backend + load generator on CPU $LOAD_CPU, proxy alone on CPU $PROXY_CPU (taskset)"
-    echo "workers:     wsgate workers = 1, nginx worker_processes 1, HAProxy nbthread 1; no access logs"
+    echo "wsgate log:  [log] level = \"$LOG_LEVEL\", access = $LOG_ACCESS, format = \"${LOG_FORMAT:-text}\""
+    echo "workers:     wsgate workers = 1, nginx worker_processes 1, HAProxy nbthread 1; rivals log no access"
     echo "ports:       backend 127.0.0.1:$BACKEND_PORT (TLS $BACKEND_TLS_PORT), proxy 127.0.0.1:$PROXY_PORT (TLS $PROXY_TLS_PORT)"
     echo "openssl:     $(version openssl version)"
     echo "certificate: $(openssl x509 -in "$CERT" -noout -subject -ext subjectAltName 2>/dev/null | tr -s '\n ' ' ')"

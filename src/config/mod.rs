@@ -53,6 +53,17 @@ pub struct Log {
     pub level: Vec<Directive>,
     /// One line per proxied request (tunnels always log their close).
     pub access: bool,
+    pub format: LogFormat,
+}
+
+/// How each log line is written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// For a person: `timestamp LEVEL spans: target: message key=value ...`.
+    #[default]
+    Text,
+    /// For a log shipper: one JSON object per line, span fields flattened into it.
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -42,6 +42,7 @@ pub struct Admin {
 pub struct Log {
     pub level: Option<Spanned<String>>,
     pub access: Option<bool>,
+    pub format: Option<Spanned<String>>,
 }
 
 /// Durations are strings such as `"5s"`, `"250ms"`, `"2m"` or `"1h"`.

@@ -7,7 +7,7 @@ use http::{Response, StatusCode};
 use super::body::ProxyBody;
 use super::policy::{OriginRefused, TunnelRefused};
 use crate::metrics::Refusal;
-use crate::telemetry::error_chain;
+use crate::telemetry::{error_chain, fields as f};
 use crate::upstream;
 use crate::websocket::HandshakeError;
 
@@ -50,7 +50,10 @@ pub enum ProxyError {
         source: upstream::Error,
     },
     #[error("upstream {upstream:?} answered 101 without switching to the requested protocol")]
-    BadSwitch { upstream: String },
+    BadSwitch {
+        upstream: String,
+        server: std::sync::Arc<str>,
+    },
 }
 
 /// Who caused a failure, which decides both the status family and how loudly it is logged.
@@ -104,6 +107,41 @@ impl ProxyError {
         })
     }
 
+    /// A stable token for the log line's `failure` field: what a log shipper counts by.
+    pub fn failure(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no_route",
+            ProxyError::ConnectMethod => "connect_method",
+            ProxyError::BadHost => "bad_host",
+            ProxyError::Handshake(_) => "bad_handshake",
+            ProxyError::Origin(_) => "origin",
+            ProxyError::NoSubprotocol => "no_subprotocol",
+            ProxyError::HandshakeRate { .. } => "handshake_rate",
+            ProxyError::RequestRate { .. } => "request_rate",
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::Tunnels(_) => "tunnels",
+            ProxyError::Upstream { source, .. } => match source {
+                err if err.is_body_too_large() => "body_too_large",
+                err if err.is_client_body() => "client_body",
+                upstream::Error::Connect { .. } => "connect",
+                upstream::Error::ConnectTimeout { .. } => "connect_timeout",
+                upstream::Error::Tls { .. } => "tls",
+                upstream::Error::ResponseTimeout { .. } => "response_timeout",
+                upstream::Error::Exchange { .. } => "exchange",
+            },
+            ProxyError::BadSwitch { .. } => "bad_switch",
+        }
+    }
+
+    /// The upstream and server the failure names, if any.
+    fn upstream(&self) -> (Option<&str>, Option<&str>) {
+        match self {
+            ProxyError::Upstream { upstream, source } => (Some(upstream), Some(source.server())),
+            ProxyError::BadSwitch { upstream, server } => (Some(upstream), Some(server)),
+            _ => (None, None),
+        }
+    }
+
     pub fn side(&self) -> Side {
         match self {
             ProxyError::Upstream { source, .. } if source.is_client_body() => Side::Downstream,
@@ -141,21 +179,42 @@ pub struct RequestLabels<'a> {
     pub path: &'a str,
     pub route: Option<&'a str>,
     pub client: std::net::SocketAddr,
+    /// The connection, for its listener, peer and TLS server name.
+    pub conn: &'a super::ConnInfo,
 }
 
+/// The line carries the connection's and the request's fields itself, not through spans: an
+/// upstream failure is a `warn`, and must name its request under a `warn` filter too.
 pub fn respond(err: ProxyError, labels: &RequestLabels<'_>) -> Response<ProxyBody> {
     let status = err.status();
     let cause = error_chain(&err);
     let route = labels.route.unwrap_or("-");
+    let (upstream, server) = err.upstream();
+    macro_rules! failure_line {
+        ($level:ident, $event:expr, $message:literal) => {
+            tracing::event!(
+                tracing::Level::$level,
+                { f::EVENT } = $event,
+                { f::LISTENER } = %labels.conn.listener,
+                { f::PEER } = %labels.conn.peer,
+                { f::SNI } = super::sni(labels.conn),
+                { f::STATUS } = status.as_u16(),
+                { f::FAILURE } = err.failure(),
+                { f::ROUTE } = route,
+                { f::UPSTREAM } = upstream,
+                { f::SERVER } = server,
+                { f::METHOD } = %labels.method,
+                { f::HOST } = labels.host,
+                { f::PATH } = labels.path,
+                { f::CLIENT } = %labels.client,
+                { f::ERROR } = %cause,
+                $message
+            )
+        };
+    }
     match err.side() {
-        Side::Upstream => tracing::warn!(
-            status = status.as_u16(), route, method = %labels.method, host = labels.host,
-            path = labels.path, client = %labels.client, error = %cause, "request failed"
-        ),
-        Side::Downstream => tracing::info!(
-            status = status.as_u16(), route, method = %labels.method, host = labels.host,
-            path = labels.path, client = %labels.client, error = %cause, "request refused"
-        ),
+        Side::Upstream => failure_line!(WARN, f::event::UPSTREAM_FAILURE, "request failed"),
+        Side::Downstream => failure_line!(INFO, f::event::REFUSED, "request refused"),
     }
     let mut response = Response::new(ProxyBody::fixed(err.page()));
     *response.status_mut() = status;

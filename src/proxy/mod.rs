@@ -25,6 +25,7 @@ use crate::metrics::StatusCounts;
 use crate::router::{Route, Target};
 use crate::shutdown::{Signal, Tracker};
 use crate::snapshot::{Current, ListenerPolicy, Snapshot};
+use crate::telemetry::{fields as f, LazySpan};
 use crate::upstream::{Endpoint, Lease, TunnelLease};
 use crate::websocket::{self, tunnel, Classification, Protocol};
 use body::ProxyBody;
@@ -98,6 +99,8 @@ struct RequestCtx<'a> {
     policy: &'a ListenerPolicy,
     facts: &'a Facts,
     conn: &'a ConnInfo,
+    /// The request's span, made when a line inside the request first names it.
+    span: &'a LazySpan<'a>,
 }
 
 /// The request facts kept for logging after the request itself has moved upstream. Owned
@@ -164,11 +167,14 @@ impl Proxy {
                 Some(matched) => {
                     route = Some(matched);
                     matched.stats.requests.fetch_add(1, Ordering::Relaxed);
+                    let make = || request_span(conn, &facts, host_text, &matched.name);
+                    let span = LazySpan::new(&make);
                     let request_ctx = RequestCtx {
                         snapshot: &snapshot,
                         policy,
                         facts: &facts,
                         conn,
+                        span: &span,
                     };
                     self.dispatch(request, matched, &request_ctx).await
                 }
@@ -178,16 +184,13 @@ impl Proxy {
         let mut response = match result {
             Ok((response, server)) => {
                 if snapshot.access_log {
-                    tracing::info!(
-                        status = response.status().as_u16(),
-                        route = route_name.unwrap_or("-"),
-                        server = server.as_ref().map_or("-", |e| &*e.label),
-                        method = %facts.method,
-                        host = host_text,
-                        path,
-                        client = %facts.client,
-                        head_ms = started.elapsed().as_millis() as u64,
-                        "request"
+                    access_line(
+                        conn,
+                        &facts,
+                        response.status(),
+                        route_name,
+                        &server,
+                        started,
                     );
                 }
                 response
@@ -207,6 +210,7 @@ impl Proxy {
                         path,
                         route: route_name,
                         client: facts.client,
+                        conn,
                     },
                 )
             }
@@ -235,6 +239,7 @@ impl Proxy {
             policy,
             facts,
             conn,
+            span,
         } = *ctx;
         let upstream = match &route.target {
             Target::Respond { status, body } => return Ok((respond(*status, body.clone()), None)),
@@ -308,13 +313,13 @@ impl Proxy {
         };
         let affinity = upstream.affinity(request.headers(), request.uri(), facts.client.ip());
         let mut lease = upstream
-            .connect(&timeouts, &affinity)
+            .connect(&timeouts, &affinity, span)
             .await
             .map_err(upstream_failed)?;
         let mut response = match bridged_key {
             // The CONNECT stream's body is the tunnel itself, not a request body.
-            Some(_) => lease.send_bodyless(request.map(drop)).await,
-            None => lease.send(request, route.max_request_body).await,
+            Some(_) => lease.send_bodyless(request.map(drop), span).await,
+            None => lease.send(request, route.max_request_body, span).await,
         }
         .map_err(upstream_failed)?;
         let server = Some(lease.endpoint().clone());
@@ -360,6 +365,7 @@ impl Proxy {
         let Some(upgrade) = switched else {
             return Err(ProxyError::BadSwitch {
                 upstream: upstream.name.to_string(),
+                server: lease.endpoint().label.clone(),
             });
         };
         let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -371,7 +377,7 @@ impl Proxy {
                 .then(|| frame_options(&route.websocket, response.headers())),
         };
         let labels = tunnel::Labels {
-            route: route.name.clone(),
+            origin: tunnel_origin(route, facts, conn),
             client: facts.client,
         };
         let signals = tunnel::Signals {
@@ -488,7 +494,7 @@ impl Proxy {
                     tunnel::spawn(client, upstream, labels, options, signals, hold);
                 }
                 Err(err) => tracing::debug!(
-                    route = %labels.route,
+                    route = %labels.origin.route(),
                     client = %labels.client,
                     error = %err,
                     "upgrade did not complete"
@@ -573,6 +579,79 @@ fn frame_options(route: &config::WebSocket, switched: &http::HeaderMap) -> tunne
         strict: route.strict,
         deflate: websocket::deflate_negotiated(switched),
     }
+}
+
+/// The request's line (`[log] access`). It names the connection and the request itself, not
+/// through spans: see `telemetry::LazySpan`. Out of `handle`, whose future every request
+/// polls: the macro's expansion is large.
+#[inline(never)]
+fn access_line(
+    conn: &ConnInfo,
+    facts: &Facts,
+    status: StatusCode,
+    route: Option<&str>,
+    server: &Option<Arc<Endpoint>>,
+    started: Instant,
+) {
+    tracing::info!(
+        { f::EVENT } = f::event::REQUEST,
+        { f::LISTENER } = %conn.listener,
+        { f::PEER } = %conn.peer,
+        { f::SNI } = sni(conn),
+        { f::STATUS } = status.as_u16(),
+        { f::ROUTE } = route.unwrap_or("-"),
+        { f::SERVER } = server.as_ref().map_or("-", |e| &*e.label),
+        { f::METHOD } = %facts.method,
+        { f::HOST } = facts.host.to_str().unwrap_or(""),
+        { f::PATH } = facts.uri.path(),
+        { f::CLIENT } = %facts.client,
+        { f::HEAD_MS } = started.elapsed().as_millis() as u64,
+        "request"
+    );
+}
+
+/// The spans of a request whose lines are written by code that does not know it (failover,
+/// ejection): the connection's (listener, peer, SNI), and its child with the request's
+/// method, host, path (no query) and route. Made only then, and for the request's time only.
+/// Under a filter above info it is `Span::none()`, made at the cost of a level check.
+fn request_span(conn: &ConnInfo, facts: &Facts, host: &str, route: &str) -> tracing::Span {
+    let parent = tracing::info_span!(
+        f::CONN_SPAN,
+        { f::LISTENER } = %conn.listener,
+        { f::PEER } = %conn.peer,
+        { f::SNI } = sni(conn),
+    );
+    tracing::info_span!(
+        parent: &parent,
+        f::REQUEST_SPAN,
+        { f::METHOD } = %facts.method,
+        { f::HOST } = host,
+        { f::PATH } = facts.uri.path(),
+        { f::ROUTE } = route,
+    )
+}
+
+/// The TLS server name the client asked for, for log lines.
+fn sni(conn: &ConnInfo) -> Option<&str> {
+    conn.tls.as_ref().and_then(|tls| tls.sni.as_deref())
+}
+
+/// What the tunnel's close line names: the connection's and the request's fields where the line
+/// is on (kept in one allocation rather than as spans, which an idle WebSocket would hold for
+/// hours), else the route alone.
+fn tunnel_origin(route: &Route, facts: &Facts, conn: &ConnInfo) -> tunnel::Origin {
+    if !tunnel::close_line_enabled() {
+        return tunnel::Origin::Route(route.name.clone());
+    }
+    tunnel::Origin::Request(Arc::new(tunnel::RequestFields {
+        route: route.name.clone(),
+        listener: conn.listener.clone(),
+        peer: conn.peer,
+        sni: sni(conn).map(Box::from),
+        method: facts.method.clone(),
+        host: facts.host.to_str().unwrap_or("").into(),
+        path: facts.uri.path().into(),
+    }))
 }
 
 /// See `Facts::client`.

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::{Endpoint, RequestBody};
 use crate::config::{HealthCheck, Passive};
-use crate::telemetry::error_chain;
+use crate::telemetry::{error_chain, fields as f};
 use crate::websocket::{self, frame};
 
 #[derive(Debug)]
@@ -201,9 +201,12 @@ pub async fn run(endpoint: Weak<Endpoint>, plan: CheckPlan) {
         health.down.store(!down, Ordering::Relaxed);
         match result {
             Ok(()) => tracing::info!(
-                upstream = %plan.upstream,
-                server = %endpoint.label,
-                checks = needed,
+                { f::EVENT } = f::event::HEALTH_CHANGE,
+                { f::UPSTREAM } = %plan.upstream,
+                { f::SERVER } = %endpoint.label,
+                { f::STATE } = "up",
+                { f::CHECK } = "active",
+                { f::CHECKS } = needed,
                 "upstream server is up: it passed its health checks"
             ),
             Err(reason) => went_down(&endpoint, &plan, &reason, "its health checks"),
@@ -214,10 +217,13 @@ pub async fn run(endpoint: Weak<Endpoint>, plan: CheckPlan) {
 fn went_down(endpoint: &Endpoint, plan: &CheckPlan, reason: &str, what: &str) {
     let closing = plan.close_tunnels.map_or(0, |_| endpoint.tunnels());
     tracing::warn!(
-        upstream = %plan.upstream,
-        server = %endpoint.label,
-        reason,
-        tunnels_closing = closing,
+        { f::EVENT } = f::event::HEALTH_CHANGE,
+        { f::UPSTREAM } = %plan.upstream,
+        { f::SERVER } = %endpoint.label,
+        { f::STATE } = "down",
+        { f::CHECK } = "active",
+        { f::REASON } = reason,
+        { f::TUNNELS_CLOSING } = closing,
         "upstream server is down: it failed {what}"
     );
     if let Some(spread) = plan.close_tunnels {

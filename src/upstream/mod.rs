@@ -30,7 +30,7 @@ use tokio_rustls::TlsConnector;
 use crate::config::{self, Balance, Passive, ServerAddress, Timeouts};
 use crate::metrics::Histogram;
 use crate::shutdown::{self, Signal, Trigger};
-use crate::telemetry::error_chain;
+use crate::telemetry::{error_chain, fields as f, LazySpan};
 use crate::tls;
 pub use affinity::Affinity;
 use affinity::StickyCookie;
@@ -64,6 +64,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// The server that failed, by its configured address.
+    pub fn server(&self) -> &str {
+        match self {
+            Error::Connect { server, .. }
+            | Error::ConnectTimeout { server, .. }
+            | Error::Tls { server, .. }
+            | Error::ResponseTimeout { server, .. }
+            | Error::Exchange { server, .. } => server,
+        }
+    }
+
     /// The client's own request body failed (it went away mid-upload, or was over its route's
     /// `max_request_body`): not the upstream's fault.
     pub fn is_client_body(&self) -> bool {
@@ -487,7 +498,13 @@ impl UpstreamGroup {
     /// A lease on a connected server. A server that cannot be connected to is skipped for the
     /// next one: nothing has been sent yet, so any method may fail over. The last error is
     /// returned when every server failed.
-    pub async fn connect(&self, timeouts: &Timeouts, affinity: &Affinity) -> Result<Lease, Error> {
+    /// `span`: the request's, for the lines a failure writes.
+    pub async fn connect(
+        &self,
+        timeouts: &Timeouts,
+        affinity: &Affinity,
+        span: &LazySpan<'_>,
+    ) -> Result<Lease, Error> {
         let first = self.first_choice(affinity);
         let mut rest: Option<std::vec::IntoIter<usize>> = None;
         let mut next = Some(first);
@@ -499,15 +516,18 @@ impl UpstreamGroup {
                 Ok(()) => return Ok(lease),
                 Err(err) => err,
             };
-            lease.judge_failure();
+            lease.judge_failure(span);
             // Built only once the first choice failed: the common path allocates nothing.
             let rest = rest.get_or_insert_with(|| self.fallbacks(affinity, first).into_iter());
             next = rest.next();
             match next {
-                Some(_) => tracing::warn!(
-                    upstream = %self.name,
-                    server = %endpoint.label,
-                    error = %error_chain(&err),
+                Some(_) => tracing::event!(
+                    parent: span.id(),
+                    tracing::Level::WARN,
+                    { f::EVENT } = f::event::FAILOVER,
+                    { f::UPSTREAM } = %self.name,
+                    { f::SERVER } = %endpoint.label,
+                    { f::ERROR } = %error_chain(&err),
                     "upstream server failed, trying the next one"
                 ),
                 None => return Err(err),
@@ -594,7 +614,7 @@ impl Lease {
     }
 
     /// A connect failure, a timeout or a 5xx: one more towards the server's ejection.
-    fn judge_failure(&self) {
+    fn judge_failure(&self, span: &LazySpan<'_>) {
         let Some(Ejection {
             rule,
             close_tunnels,
@@ -605,12 +625,17 @@ impl Lease {
         if self.endpoint.health.failed(rule) != Change::Ejected {
             return;
         }
-        tracing::warn!(
-            upstream = %self.endpoint.upstream,
-            server = %self.endpoint.label,
-            failures = rule.fail,
-            eject_s = rule.eject.as_secs_f64(),
-            tunnels_closing = close_tunnels.map_or(0, |_| self.endpoint.tunnels()),
+        tracing::event!(
+            parent: span.id(),
+            tracing::Level::WARN,
+            { f::EVENT } = f::event::HEALTH_CHANGE,
+            { f::UPSTREAM } = %self.endpoint.upstream,
+            { f::SERVER } = %self.endpoint.label,
+            { f::STATE } = "down",
+            { f::CHECK } = "passive",
+            { f::FAILURES } = rule.fail,
+            { f::EJECT_S } = rule.eject.as_secs_f64(),
+            { f::TUNNELS_CLOSING } = close_tunnels.map_or(0, |_| self.endpoint.tunnels()),
             "upstream server ejected after failures in a row"
         );
         if let Some(spread) = close_tunnels {
@@ -618,14 +643,19 @@ impl Lease {
         }
     }
 
-    fn judge_answer(&self, status: http::StatusCode) {
+    fn judge_answer(&self, status: http::StatusCode, span: &LazySpan<'_>) {
         let Some(_) = &self.passive else { return };
         if status.is_server_error() {
-            self.judge_failure();
+            self.judge_failure(span);
         } else if self.endpoint.health.answered() == Change::Recovered {
-            tracing::info!(
-                upstream = %self.endpoint.upstream,
-                server = %self.endpoint.label,
+            tracing::event!(
+                parent: span.id(),
+                tracing::Level::INFO,
+                { f::EVENT } = f::event::HEALTH_CHANGE,
+                { f::UPSTREAM } = %self.endpoint.upstream,
+                { f::SERVER } = %self.endpoint.label,
+                { f::STATE } = "up",
+                { f::CHECK } = "passive",
                 "upstream server answers again after its ejection"
             );
         }
@@ -662,22 +692,25 @@ impl Lease {
         &mut self,
         request: Request<Incoming>,
         max_body: Option<u64>,
+        span: &LazySpan<'_>,
     ) -> Result<Response<Incoming>, Error> {
-        self.send_body(request.map(Some), max_body).await
+        self.send_body(request.map(Some), max_body, span).await
     }
 
     /// Sends a request that has no body, such as a handshake made up by wsgate.
     pub async fn send_bodyless(
         &mut self,
         request: Request<()>,
+        span: &LazySpan<'_>,
     ) -> Result<Response<Incoming>, Error> {
-        self.send_body(request.map(|()| None), None).await
+        self.send_body(request.map(|()| None), None, span).await
     }
 
     async fn send_body(
         &mut self,
         request: Request<Option<Incoming>>,
         max_body: Option<u64>,
+        span: &LazySpan<'_>,
     ) -> Result<Response<Incoming>, Error> {
         let sent = tokio::time::Instant::now();
         let result = self.exchange(request, max_body).await;
@@ -685,9 +718,9 @@ impl Lease {
             self.endpoint.response_time.observe(sent.elapsed());
         }
         match &result {
-            Ok(response) => self.judge_answer(response.status()),
+            Ok(response) => self.judge_answer(response.status(), span),
             // The client's own body failing says nothing about the server.
-            Err(err) if !err.is_client_body() => self.judge_failure(),
+            Err(err) if !err.is_client_body() => self.judge_failure(span),
             Err(_) => {}
         }
         result

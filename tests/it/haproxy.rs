@@ -190,8 +190,12 @@ fn spawn_on_own_socket(config: &TempFile) -> (Gateway, SocketAddr) {
 const END_OF_RUN: &str = "PROXY UNKNOWN\r\n\
                           GET /end-of-run HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n";
 
-/// N in an access-log line for `/chat/vN`.
+/// N in an access-log line for `/chat/vN` (the tunnel's close line names the path too, in its
+/// request span).
 fn visit_in(line: &str) -> Option<usize> {
+    if !line.contains(" event=\"request\"") {
+        return None;
+    }
     let rest = line.split_once(" path=\"/chat/v")?.1;
     rest.split_once('"')?.0.parse().ok()
 }

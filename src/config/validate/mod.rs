@@ -18,7 +18,9 @@ use toml::Spanned;
 use tracing_subscriber::filter::{Directive, LevelFilter};
 
 use super::raw;
-use super::{Config, Diagnostic, Limits, Location, Log, PerClient, Rate, Reload, Timeouts};
+use super::{
+    Config, Diagnostic, Limits, Location, Log, LogFormat, PerClient, Rate, Reload, Timeouts,
+};
 
 /// hyper cannot read a request head into a buffer smaller than this.
 const MIN_HEADER_BYTES: i64 = 8 * 1024;
@@ -141,6 +143,12 @@ impl Validator<'_> {
         Log {
             level,
             access: raw.access.unwrap_or(true),
+            format: self.choice(
+                raw.format.as_ref(),
+                "unknown log format",
+                &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+                LogFormat::Text,
+            ),
         }
     }
 
@@ -350,6 +358,24 @@ mod tests {
         assert!(
             errs[1].starts_with("t.toml:6:20: h2_stream_window must be between 65535"),
             "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn log_format_is_text_json_or_a_located_error() {
+        let format = |text: &str| validate(text, "t.toml").unwrap().log.format;
+        assert_eq!(format(LISTENER), LogFormat::Text, "the default");
+        let with = |value: &str| format!("[log]\nformat = {value}\n{LISTENER}");
+        assert_eq!(format(&with("\"text\"")), LogFormat::Text);
+        assert_eq!(format(&with("\"json\"")), LogFormat::Json);
+        assert_eq!(
+            errors(&with("\"JSON\"")),
+            ["t.toml:2:10: unknown log format \"JSON\" (known: text, json)"]
+        );
+        assert!(
+            errors(&with("1"))[0].starts_with("t.toml:2:10: invalid type: integer `1`"),
+            "{:?}",
+            errors(&with("1"))
         );
     }
 

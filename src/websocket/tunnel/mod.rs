@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::client_io::ClientIo;
 use crate::shutdown::Signal;
+use crate::telemetry::fields as f;
 use crate::websocket::frame;
 
 /// Large enough that bulk transfers make few syscalls; it exists once per worker thread.
@@ -40,8 +41,52 @@ pub use watch::{FrameCounts, ProtocolError, Violation};
 /// What the close log line names.
 #[derive(Debug)]
 pub struct Labels {
-    pub route: Arc<str>,
+    pub origin: Origin,
     pub client: SocketAddr,
+}
+
+/// The request a tunnel came from, as its close line names it: with the connection's and the
+/// request's fields where that line is on (`close_line_enabled`), else by its route alone. The
+/// fields, not the request's span: a span holds about 340 bytes of the subscriber's registry
+/// (measured: an idle WebSocket holding its request's and connection's spans cost 3.1 KiB more
+/// RSS, 2.5 to 5.6 KiB). 16 bytes either way: a tunnel task has no room for more.
+#[derive(Debug)]
+pub enum Origin {
+    Route(Arc<str>),
+    Request(Arc<RequestFields>),
+}
+
+/// The connection span's and the request span's fields, for one line at the tunnel's end.
+#[derive(Debug)]
+pub struct RequestFields {
+    pub route: Arc<str>,
+    pub listener: Arc<str>,
+    pub peer: SocketAddr,
+    pub sni: Option<Box<str>>,
+    pub method: http::Method,
+    pub host: Box<str>,
+    pub path: Box<str>,
+}
+
+impl Origin {
+    pub fn route(&self) -> &str {
+        match self {
+            Origin::Route(route) => route,
+            Origin::Request(request) => &request.route,
+        }
+    }
+
+    fn request(&self) -> Option<&RequestFields> {
+        match self {
+            Origin::Route(_) => None,
+            Origin::Request(request) => Some(request),
+        }
+    }
+}
+
+/// Whether a tunnel's close line would be written: what it is given to name depends on it.
+pub fn close_line_enabled() -> bool {
+    tracing::enabled!(tracing::Level::INFO)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -226,23 +271,31 @@ fn log_close(
     let counts = |direction: &Direction| direction.frames.unwrap_or_default();
     let (up, down) = (counts(&outcome.up), counts(&outcome.down));
     let framed = outcome.up.frames.is_some();
+    let request = labels.origin.request();
     tracing::info!(
-        route = %labels.route,
-        upstream,
-        server,
-        client = %labels.client,
-        duration_ms = started.elapsed().as_millis() as u64,
-        bytes_up = outcome.up.bytes,
-        bytes_down = outcome.down.bytes,
-        frames_up = framed.then_some(up.frames),
-        frames_down = framed.then_some(down.frames),
-        messages_up = framed.then_some(up.messages),
-        messages_down = framed.then_some(down.messages),
-        client_close_code = up.close_code,
-        upstream_close_code = down.close_code,
-        closed_by = outcome.closed_by.as_str(),
-        violation = outcome.closed_by.violation(),
-        error = result.as_ref().err().map(tracing::field::display),
+        { f::EVENT } = f::event::TUNNEL_CLOSED,
+        { f::LISTENER } = request.map(|r| tracing::field::display(&r.listener)),
+        { f::PEER } = request.map(|r| tracing::field::display(r.peer)),
+        { f::SNI } = request.and_then(|r| r.sni.as_deref()),
+        { f::METHOD } = request.map(|r| tracing::field::display(&r.method)),
+        { f::HOST } = request.map(|r| &*r.host),
+        { f::PATH } = request.map(|r| &*r.path),
+        { f::ROUTE } = %labels.origin.route(),
+        { f::UPSTREAM } = upstream,
+        { f::SERVER } = server,
+        { f::CLIENT } = %labels.client,
+        { f::DURATION_MS } = started.elapsed().as_millis() as u64,
+        { f::BYTES_UP } = outcome.up.bytes,
+        { f::BYTES_DOWN } = outcome.down.bytes,
+        { f::FRAMES_UP } = framed.then_some(up.frames),
+        { f::FRAMES_DOWN } = framed.then_some(down.frames),
+        { f::MESSAGES_UP } = framed.then_some(up.messages),
+        { f::MESSAGES_DOWN } = framed.then_some(down.messages),
+        { f::CLIENT_CLOSE_CODE } = up.close_code,
+        { f::UPSTREAM_CLOSE_CODE } = down.close_code,
+        { f::CLOSED_BY } = outcome.closed_by.as_str(),
+        { f::VIOLATION } = outcome.closed_by.violation(),
+        { f::ERROR } = result.as_ref().err().map(tracing::field::display),
         "websocket closed"
     );
 }
