@@ -6,9 +6,6 @@ mod json;
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
-use std::sync::OnceLock;
-
-use tracing::span::Id;
 use tracing::Span;
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::format::JsonFields;
@@ -72,11 +69,11 @@ fn configured_filter(log: &Log) -> EnvFilter {
         .fold(EnvFilter::default(), EnvFilter::add_directive)
 }
 
-/// A request's spans (the connection's, and the request's as its child), made the first time
-/// a line inside the request names them as its parent: lines of code that does not know the
-/// request (a failover, an ejection). Every other line carries the connection's and the
-/// request's fields itself, because spans are dear where a line is written for every request
-/// or kept for a connection's life (measured, with the fmt subscriber at `info`):
+/// How to make a request's spans (the connection's, and the request's as its child) for a line
+/// inside the request written by code that does not know it (a failover, an ejection): made
+/// for that line only. Every other line carries the connection's and the request's fields
+/// itself, because spans are dear where a line is written for every request or kept for a
+/// connection's life (measured, with the fmt subscriber at `info`):
 /// - made and closed, about 6,700 instructions for the request's alone (its four fields
 ///   formatted, a registry slot), a fifth of a whole proxied request; entered around each
 ///   poll (`Instrument`), 800 more per poll, and a copy of the request's future;
@@ -86,23 +83,18 @@ fn configured_filter(log: &Log) -> EnvFilter {
 ///   the connections' freed buffers;
 /// - kept by an idle WebSocket, 3.1 KiB each (2.5 to 5.6).
 ///
-/// Where no subscriber wants them, they are `Span::none()`, made at the cost of a level check.
-pub struct LazySpan<'a> {
-    make: &'a (dyn Fn() -> Span + Sync),
-    span: OnceLock<Span>,
-}
+/// Where no subscriber wants them, `make` returns `Span::none()` at the cost of a level check.
+#[derive(Clone, Copy)]
+pub struct RequestSpan<'a>(&'a (dyn Fn() -> Span + Sync));
 
-impl<'a> LazySpan<'a> {
-    pub fn new(make: &'a (dyn Fn() -> Span + Sync)) -> LazySpan<'a> {
-        LazySpan {
-            make,
-            span: OnceLock::new(),
-        }
+impl<'a> RequestSpan<'a> {
+    pub fn new(make: &'a (dyn Fn() -> Span + Sync)) -> RequestSpan<'a> {
+        RequestSpan(make)
     }
 
-    /// For `parent:` in an event macro.
-    pub fn id(&self) -> Option<Id> {
-        self.span.get_or_init(self.make).id()
+    /// The span to name as a line's `parent:`; keep it until the line is written.
+    pub fn make(&self) -> Span {
+        (self.0)()
     }
 }
 

@@ -183,11 +183,43 @@ pub struct RequestLabels<'a> {
     pub conn: &'a super::ConnInfo,
 }
 
-/// The line carries the connection's and the request's fields itself, not through spans: an
-/// upstream failure is a `warn`, and must name its request under a `warn` filter too.
 pub fn respond(err: ProxyError, labels: &RequestLabels<'_>) -> Response<ProxyBody> {
     let status = err.status();
-    let cause = error_chain(&err);
+    failure_line(&err, status, labels);
+    let mut response = Response::new(ProxyBody::fixed(err.page()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    match err {
+        // RFC 6455 §4.4: tell the client which version we speak.
+        ProxyError::Handshake(HandshakeError::UnsupportedVersion) => {
+            headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        }
+        // RFC 6585 §4: when the client may try again.
+        ProxyError::HandshakeRate { retry_after } | ProxyError::RequestRate { retry_after } => {
+            headers.insert(RETRY_AFTER, HeaderValue::from(retry_after.as_secs()));
+        }
+        // RFC 9110 §15.5.6: a 405 lists what is allowed.
+        ProxyError::ConnectMethod => {
+            headers.insert(
+                ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
+        }
+        _ => {}
+    }
+    response
+}
+
+/// The failure's one line. It carries the connection's and the request's fields itself, not
+/// through spans: an upstream failure is a `warn`, and must name its request under a `warn`
+/// filter too. Out of line, as `proxy::access_line` is: the macro's expansion is large.
+#[inline(never)]
+fn failure_line(err: &ProxyError, status: StatusCode, labels: &RequestLabels<'_>) {
+    let cause = error_chain(err);
     let route = labels.route.unwrap_or("-");
     let (upstream, server) = err.upstream();
     macro_rules! failure_line {
@@ -216,32 +248,6 @@ pub fn respond(err: ProxyError, labels: &RequestLabels<'_>) -> Response<ProxyBod
         Side::Upstream => failure_line!(WARN, f::event::UPSTREAM_FAILURE, "request failed"),
         Side::Downstream => failure_line!(INFO, f::event::REFUSED, "request refused"),
     }
-    let mut response = Response::new(ProxyBody::fixed(err.page()));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    match err {
-        // RFC 6455 §4.4: tell the client which version we speak.
-        ProxyError::Handshake(HandshakeError::UnsupportedVersion) => {
-            headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-        }
-        // RFC 6585 §4: when the client may try again.
-        ProxyError::HandshakeRate { retry_after } | ProxyError::RequestRate { retry_after } => {
-            headers.insert(RETRY_AFTER, HeaderValue::from(retry_after.as_secs()));
-        }
-        // RFC 9110 §15.5.6: a 405 lists what is allowed.
-        ProxyError::ConnectMethod => {
-            headers.insert(
-                ALLOW,
-                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
-            );
-        }
-        _ => {}
-    }
-    response
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use crate::metrics::StatusCounts;
 use crate::router::{Route, Target};
 use crate::shutdown::{Signal, Tracker};
 use crate::snapshot::{Current, ListenerPolicy, Snapshot};
-use crate::telemetry::{fields as f, LazySpan};
+use crate::telemetry::{fields as f, RequestSpan};
 use crate::upstream::{Endpoint, Lease, TunnelLease};
 use crate::websocket::{self, tunnel, Classification, Protocol};
 use body::ProxyBody;
@@ -99,8 +99,8 @@ struct RequestCtx<'a> {
     policy: &'a ListenerPolicy,
     facts: &'a Facts,
     conn: &'a ConnInfo,
-    /// The request's span, made when a line inside the request first names it.
-    span: &'a LazySpan<'a>,
+    /// Makes the request's spans, for a line of code that does not know the request.
+    span: RequestSpan<'a>,
 }
 
 /// The request facts kept for logging after the request itself has moved upstream. Owned
@@ -168,13 +168,13 @@ impl Proxy {
                     route = Some(matched);
                     matched.stats.requests.fetch_add(1, Ordering::Relaxed);
                     let make = || request_span(conn, &facts, host_text, &matched.name);
-                    let span = LazySpan::new(&make);
+                    let span = RequestSpan::new(&make);
                     let request_ctx = RequestCtx {
                         snapshot: &snapshot,
                         policy,
                         facts: &facts,
                         conn,
-                        span: &span,
+                        span,
                     };
                     self.dispatch(request, matched, &request_ctx).await
                 }
@@ -582,7 +582,7 @@ fn frame_options(route: &config::WebSocket, switched: &http::HeaderMap) -> tunne
 }
 
 /// The request's line (`[log] access`). It names the connection and the request itself, not
-/// through spans: see `telemetry::LazySpan`. Out of `handle`, whose future every request
+/// through spans: see `telemetry::RequestSpan`. Out of `handle`, whose future every request
 /// polls: the macro's expansion is large.
 #[inline(never)]
 fn access_line(

@@ -30,7 +30,7 @@ use tokio_rustls::TlsConnector;
 use crate::config::{self, Balance, Passive, ServerAddress, Timeouts};
 use crate::metrics::Histogram;
 use crate::shutdown::{self, Signal, Trigger};
-use crate::telemetry::{error_chain, fields as f, LazySpan};
+use crate::telemetry::{error_chain, fields as f, RequestSpan};
 use crate::tls;
 pub use affinity::Affinity;
 use affinity::StickyCookie;
@@ -503,7 +503,7 @@ impl UpstreamGroup {
         &self,
         timeouts: &Timeouts,
         affinity: &Affinity,
-        span: &LazySpan<'_>,
+        span: RequestSpan<'_>,
     ) -> Result<Lease, Error> {
         let first = self.first_choice(affinity);
         let mut rest: Option<std::vec::IntoIter<usize>> = None;
@@ -521,15 +521,18 @@ impl UpstreamGroup {
             let rest = rest.get_or_insert_with(|| self.fallbacks(affinity, first).into_iter());
             next = rest.next();
             match next {
-                Some(_) => tracing::event!(
-                    parent: span.id(),
-                    tracing::Level::WARN,
-                    { f::EVENT } = f::event::FAILOVER,
-                    { f::UPSTREAM } = %self.name,
-                    { f::SERVER } = %endpoint.label,
-                    { f::ERROR } = %error_chain(&err),
-                    "upstream server failed, trying the next one"
-                ),
+                Some(_) => {
+                    let request = span.make();
+                    tracing::event!(
+                        parent: &request,
+                        tracing::Level::WARN,
+                        { f::EVENT } = f::event::FAILOVER,
+                        { f::UPSTREAM } = %self.name,
+                        { f::SERVER } = %endpoint.label,
+                        { f::ERROR } = %error_chain(&err),
+                        "upstream server failed, trying the next one"
+                    );
+                }
                 None => return Err(err),
             }
         }
@@ -614,7 +617,7 @@ impl Lease {
     }
 
     /// A connect failure, a timeout or a 5xx: one more towards the server's ejection.
-    fn judge_failure(&self, span: &LazySpan<'_>) {
+    fn judge_failure(&self, span: RequestSpan<'_>) {
         let Some(Ejection {
             rule,
             close_tunnels,
@@ -625,8 +628,9 @@ impl Lease {
         if self.endpoint.health.failed(rule) != Change::Ejected {
             return;
         }
+        let request = span.make();
         tracing::event!(
-            parent: span.id(),
+            parent: &request,
             tracing::Level::WARN,
             { f::EVENT } = f::event::HEALTH_CHANGE,
             { f::UPSTREAM } = %self.endpoint.upstream,
@@ -643,13 +647,14 @@ impl Lease {
         }
     }
 
-    fn judge_answer(&self, status: http::StatusCode, span: &LazySpan<'_>) {
+    fn judge_answer(&self, status: http::StatusCode, span: RequestSpan<'_>) {
         let Some(_) = &self.passive else { return };
         if status.is_server_error() {
             self.judge_failure(span);
         } else if self.endpoint.health.answered() == Change::Recovered {
+            let request = span.make();
             tracing::event!(
-                parent: span.id(),
+                parent: &request,
                 tracing::Level::INFO,
                 { f::EVENT } = f::event::HEALTH_CHANGE,
                 { f::UPSTREAM } = %self.endpoint.upstream,
@@ -692,7 +697,7 @@ impl Lease {
         &mut self,
         request: Request<Incoming>,
         max_body: Option<u64>,
-        span: &LazySpan<'_>,
+        span: RequestSpan<'_>,
     ) -> Result<Response<Incoming>, Error> {
         self.send_body(request.map(Some), max_body, span).await
     }
@@ -701,7 +706,7 @@ impl Lease {
     pub async fn send_bodyless(
         &mut self,
         request: Request<()>,
-        span: &LazySpan<'_>,
+        span: RequestSpan<'_>,
     ) -> Result<Response<Incoming>, Error> {
         self.send_body(request.map(|()| None), None, span).await
     }
@@ -710,7 +715,7 @@ impl Lease {
         &mut self,
         request: Request<Option<Incoming>>,
         max_body: Option<u64>,
-        span: &LazySpan<'_>,
+        span: RequestSpan<'_>,
     ) -> Result<Response<Incoming>, Error> {
         let sent = tokio::time::Instant::now();
         let result = self.exchange(request, max_body).await;
