@@ -145,3 +145,33 @@ pub const EVENTS: &[(&str, &[&str])] = &[
     (event::RELOAD, &[OUTCOME]),
     (event::HEALTH_CHANGE, &[UPSTREAM, SERVER, STATE, CHECK]),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// README's "Log fields" names every event, span and field listed here.
+    #[test]
+    fn the_readme_documents_every_event_and_field() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("### Log fields").expect("a Log fields section");
+        let section = &readme[start..];
+        let section = &section[..section[4..]
+            .find("\n##")
+            .map_or(section.len(), |end| end + 4)];
+        let documented = |name: &str| section.contains(&format!("`{name}`"));
+        for span in [CONN_SPAN, REQUEST_SPAN] {
+            assert!(documented(span), "span {span}");
+        }
+        for field in CONN_SPAN_FIELDS.iter().chain(REQUEST_SPAN_FIELDS) {
+            assert!(documented(field), "span field {field}");
+        }
+        for (event, fields) in EVENTS {
+            assert!(section.contains(&format!("| `{event}` |")), "event {event}");
+            for field in *fields {
+                assert!(documented(field), "{event}: field {field}");
+            }
+        }
+        assert!(documented(EVENT));
+    }
+}
