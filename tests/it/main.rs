@@ -23,5 +23,6 @@ mod sockets;
 mod status_page;
 mod sticky;
 mod tls;
+mod upstream_http1;
 mod upstream_tls;
 mod websocket;
