@@ -26,7 +26,7 @@ use crate::router::{Route, Target};
 use crate::shutdown::{Signal, Tracker};
 use crate::snapshot::{Current, ListenerPolicy, Snapshot};
 use crate::telemetry::{fields as f, RequestSpan};
-use crate::upstream::{Endpoint, Lease, TunnelLease};
+use crate::upstream::{self, Endpoint, Lease, TunnelLease};
 use crate::websocket::{self, tunnel, Classification, Protocol};
 use body::ProxyBody;
 use error::{ProxyError, RequestLabels};
@@ -331,10 +331,10 @@ impl Proxy {
         }
 
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-            let (mut parts, body) = response.into_parts();
+            let (mut parts, ()) = response.into_parts();
             headers::to_downstream(&mut parts.headers, false);
             return Ok((
-                Response::from_parts(parts, ProxyBody::upstream(body, lease)),
+                Response::from_parts(parts, ProxyBody::upstream(lease)),
                 server,
             ));
         }
@@ -368,7 +368,7 @@ impl Proxy {
                 server: lease.endpoint().label.clone(),
             });
         };
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let upstream_upgrade = lease.take_upgraded();
         let options = tunnel::Options {
             idle: route.timeouts.websocket_idle,
             half_closed: route.timeouts.websocket_half_closed,
@@ -462,11 +462,15 @@ impl Proxy {
             .map_err(ProxyError::Tunnels)
     }
 
-    /// `upgrades`: the client's and the upstream's, each resolving once its side switched.
+    /// `upgrades`: the client's, resolving once our answer reached it, and the upstream's
+    /// socket with the bytes that followed its 101.
     /// `holds`: the server lease and the client's tunnel count, both given back at its end.
     fn spawn_tunnel(
         &self,
-        upgrades: (hyper::upgrade::OnUpgrade, hyper::upgrade::OnUpgrade),
+        upgrades: (
+            hyper::upgrade::OnUpgrade,
+            (upstream::http1::Stream, bytes::Bytes),
+        ),
         holds: (Lease, Option<policy::TunnelGuard>),
         route: &Route,
         tunnel: Tunnel,
@@ -489,8 +493,8 @@ impl Proxy {
         // This small task only waits for both sides to switch; the tunnel is a task of its
         // own, allocated once the handshake's buffers are freed.
         tokio::spawn(async move {
-            match tokio::try_join!(client, upstream) {
-                Ok((client, upstream)) => {
+            match client.await {
+                Ok(client) => {
                     tunnel::spawn(client, upstream, labels, options, signals, hold);
                 }
                 Err(err) => tracing::debug!(

@@ -11,12 +11,11 @@ use std::time::Duration;
 use http::header::{
     CONNECTION, HOST, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE, USER_AGENT,
 };
-use http::{HeaderValue, Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
-use super::{Endpoint, RequestBody};
+use super::Endpoint;
 use crate::config::{HealthCheck, Passive};
 use crate::telemetry::{error_chain, fields as f};
 use crate::websocket::{self, frame};
@@ -240,7 +239,7 @@ async fn probe(endpoint: &Endpoint, check: &HealthCheck) -> Result<(), String> {
 }
 
 async fn exchange(endpoint: &Endpoint, check: &HealthCheck) -> Result<(), String> {
-    let mut sender = endpoint
+    let mut conn = endpoint
         .connect(check.timeout)
         .await
         .map_err(|err| error_chain(&err))?;
@@ -249,25 +248,19 @@ async fn exchange(endpoint: &Endpoint, check: &HealthCheck) -> Result<(), String
         None => HeaderValue::from_str(&endpoint.address.to_string())
             .map_err(|_| "the server address is not a valid Host".to_owned())?,
     };
-    let mut request = Request::builder()
-        .method(Method::GET)
-        .uri(check.path.as_str())
-        .header(HOST, host)
-        .header(USER_AGENT, "wsgate-health-check");
-    request = if check.websocket {
-        request
-            .header(CONNECTION, "upgrade")
-            .header(UPGRADE, "websocket")
-            .header(SEC_WEBSOCKET_VERSION, "13")
-            .header(SEC_WEBSOCKET_KEY, websocket::new_key())
+    let mut headers = HeaderMap::with_capacity(6);
+    headers.insert(HOST, host);
+    headers.insert(USER_AGENT, HeaderValue::from_static("wsgate-health-check"));
+    if check.websocket {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        headers.insert(SEC_WEBSOCKET_KEY, websocket::new_key());
     } else {
-        request.header(CONNECTION, "close")
-    };
-    let request = request
-        .body(RequestBody::new(None, u64::MAX).0)
-        .map_err(|err| err.to_string())?;
-    let mut response = sender
-        .send_request(request)
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    let response = conn
+        .request(&Method::GET, check.path.as_str(), &headers)
         .await
         .map_err(|err| error_chain(&err))?;
     let status = response.status();
@@ -285,13 +278,11 @@ async fn exchange(endpoint: &Endpoint, check: &HealthCheck) -> Result<(), String
         ));
     }
     // A polite end, so the backend logs a normal close rather than a dropped connection.
-    if let Ok(upgraded) = hyper::upgrade::on(&mut response).await {
-        let mut io = TokioIo::new(upgraded);
-        let mut close = Vec::with_capacity(8);
-        frame::encode_close(&mut close, 1001, "", Some(rand_mask()));
-        let _ = io.write_all(&close).await;
-        let _ = io.shutdown().await;
-    }
+    let (mut io, _) = conn.into_upgraded();
+    let mut close = Vec::with_capacity(8);
+    frame::encode_close(&mut close, 1001, "", Some(rand_mask()));
+    let _ = io.write_all(&close).await;
+    let _ = io.shutdown().await;
     Ok(())
 }
 

@@ -5,8 +5,10 @@
 pub mod affinity;
 pub mod balance;
 pub mod health;
+pub mod http1;
 pub mod pool;
 
+use std::future::poll_fn;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -16,15 +18,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{self, Balance, Passive, ServerAddress, Timeouts};
@@ -35,6 +34,7 @@ use crate::tls;
 pub use affinity::Affinity;
 use affinity::StickyCookie;
 use health::{Change, Checks, Health};
+use http1::{BodyFraming, Connection, Stream, Upload};
 use pool::Pool;
 
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +59,7 @@ pub enum Error {
     Exchange {
         server: Arc<str>,
         #[source]
-        source: hyper::Error,
+        source: http1::Error,
     },
 }
 
@@ -78,14 +78,22 @@ impl Error {
     /// The client's own request body failed (it went away mid-upload, or was over its route's
     /// `max_request_body`): not the upstream's fault.
     pub fn is_client_body(&self) -> bool {
-        matches!(self, Error::Exchange { source, .. } if source.is_user())
+        matches!(
+            self,
+            Error::Exchange {
+                source: http1::Error::ClientBody(_),
+                ..
+            }
+        )
     }
 
     /// The request body grew past its route's `max_request_body` while being sent.
     pub fn is_body_too_large(&self) -> bool {
         match self {
-            Error::Exchange { source, .. } => std::error::Error::source(source)
-                .is_some_and(|cause| cause.downcast_ref::<BodyTooLarge>().is_some()),
+            Error::Exchange {
+                source: http1::Error::ClientBody(cause),
+                ..
+            } => cause.downcast_ref::<BodyTooLarge>().is_some(),
             _ => false,
         }
     }
@@ -136,7 +144,7 @@ pub struct Endpoint {
     /// From sending a request to its response head.
     pub response_time: Histogram,
     pub health: Health,
-    pool: Pool<RequestBody>,
+    pool: Pool<Connection>,
     /// Fired when the server's tunnels are to close (a reload removed the server, or it went
     /// unhealthy), with the window in milliseconds over which they do. Replaced after firing
     /// for unhealthiness, so that tunnels opened once it is back wait on a fresh one.
@@ -205,7 +213,7 @@ impl Endpoint {
         self.retired.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn connect(&self, after: Duration) -> Result<SendRequest<RequestBody>, Error> {
+    async fn connect(&self, after: Duration) -> Result<Connection, Error> {
         let result = self.connect_once(after).await;
         if result.is_err() {
             self.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -213,7 +221,7 @@ impl Endpoint {
         result
     }
 
-    async fn connect_once(&self, after: Duration) -> Result<SendRequest<RequestBody>, Error> {
+    async fn connect_once(&self, after: Duration) -> Result<Connection, Error> {
         let connecting = async {
             match &self.address {
                 ServerAddress::Ip(addr) => TcpStream::connect(addr).await,
@@ -239,8 +247,11 @@ impl Endpoint {
         };
         // Small writes (WebSocket frames, request heads) must not wait for Nagle.
         let _ = stream.set_nodelay(true);
+        // The connection is driven by the request using it, not by a task of its own: a
+        // channel hop per request and a second hyper state machine cost more than all of
+        // wsgate's own request handling (see `http1`).
         match &self.tls {
-            None => self.handshake(stream).await,
+            None => Ok(Connection::new(Stream::Tcp(stream))),
             Some(Tls { connector, name }) => {
                 let tls = tokio::time::timeout(after, connector.connect(name.clone(), stream))
                     .await
@@ -252,32 +263,9 @@ impl Endpoint {
                         server: self.label.clone(),
                         source,
                     })?;
-                self.handshake(tls).await
+                Ok(Connection::new(Stream::Tls(Box::new(tls))))
             }
         }
-    }
-
-    async fn handshake<I>(&self, io: I) -> Result<SendRequest<RequestBody>, Error>
-    where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|source| Error::Exchange {
-                server: self.label.clone(),
-                source,
-            })?;
-        // A task of its own, measured against driving the connection in the request's task
-        // (which saves the hop through hyper's channel): there, every wake the connection causes
-        // re-polls the client connection's whole hyper state machine, and a small GET cost 15%
-        // more CPU (benches/compare http row; 9% more instructions under callgrind).
-        tokio::spawn(async move {
-            if let Err(err) = connection.with_upgrades().await {
-                tracing::debug!(error = %err, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
     }
 }
 
@@ -566,12 +554,20 @@ struct Ejection {
 #[derive(Debug)]
 pub struct Lease {
     endpoint: Arc<Endpoint>,
-    sender: Option<SendRequest<RequestBody>>,
+    conn: Option<Connection>,
     reused: bool,
-    timeouts: Timeouts,
+    timeouts: LeaseTimeouts,
     /// The group's passive ejection rule, applied to how this exchange ends. Shared, so that
     /// a lease (which lives in every response body) grows by a pointer only.
     passive: Option<Arc<Ejection>>,
+}
+
+/// The timeouts a lease uses, not all of them: a lease lives in every response body.
+#[derive(Debug, Clone, Copy)]
+struct LeaseTimeouts {
+    connect: Duration,
+    upstream_response_header: Duration,
+    upstream_keepalive: Duration,
 }
 
 /// A lease that became a tunnel: one pointer, since it lives in every open WebSocket. It counts
@@ -609,9 +605,13 @@ impl Lease {
         endpoint.active.fetch_add(1, Ordering::Relaxed);
         Lease {
             endpoint,
-            sender: None,
+            conn: None,
             reused: false,
-            timeouts: *timeouts,
+            timeouts: LeaseTimeouts {
+                connect: timeouts.connect,
+                upstream_response_header: timeouts.upstream_response_header,
+                upstream_keepalive: timeouts.upstream_keepalive,
+            },
             passive,
         }
     }
@@ -671,34 +671,28 @@ impl Lease {
     }
 
     async fn checkout(&mut self) -> Result<(), Error> {
-        while let Some(mut sender) = self.endpoint.pool.take(self.timeouts.upstream_keepalive) {
-            // Pooled only after its previous response ended, so it is ready at once or within
-            // a moment, unless the server closed it meanwhile.
-            let ready = sender.is_ready()
-                || matches!(
-                    tokio::time::timeout(self.timeouts.connect, sender.ready()).await,
-                    Ok(Ok(()))
-                );
-            if ready {
-                self.sender = Some(sender);
-                self.reused = true;
-                return Ok(());
-            }
+        // Pooled only after its previous response ended; `take` leaves out those the server
+        // closed meanwhile.
+        if let Some(conn) = self.endpoint.pool.take(self.timeouts.upstream_keepalive) {
+            self.conn = Some(conn);
+            self.reused = true;
+            return Ok(());
         }
-        self.sender = Some(self.endpoint.connect(self.timeouts.connect).await?);
+        self.conn = Some(self.endpoint.connect(self.timeouts.connect).await?);
         self.reused = false;
         Ok(())
     }
 
-    /// Sends `request` and waits for the response head. The response timeout starts once the
-    /// request body has been sent, so a slow upload is not mistaken for a slow upstream.
-    /// A body that grows past `max_body` bytes fails the exchange (`is_body_too_large`).
+    /// Sends `request` and waits for the response head; the body stays on the connection for
+    /// `ResponseBody`. The response timeout starts once the request body has been sent, so a
+    /// slow upload is not mistaken for a slow upstream. A body that grows past `max_body`
+    /// bytes fails the exchange (`is_body_too_large`).
     pub async fn send(
         &mut self,
         request: Request<Incoming>,
         max_body: Option<u64>,
         span: RequestSpan<'_>,
-    ) -> Result<Response<Incoming>, Error> {
+    ) -> Result<Response<()>, Error> {
         self.send_body(request.map(Some), max_body, span).await
     }
 
@@ -707,7 +701,7 @@ impl Lease {
         &mut self,
         request: Request<()>,
         span: RequestSpan<'_>,
-    ) -> Result<Response<Incoming>, Error> {
+    ) -> Result<Response<()>, Error> {
         self.send_body(request.map(|()| None), None, span).await
     }
 
@@ -716,7 +710,7 @@ impl Lease {
         request: Request<Option<Incoming>>,
         max_body: Option<u64>,
         span: RequestSpan<'_>,
-    ) -> Result<Response<Incoming>, Error> {
+    ) -> Result<Response<()>, Error> {
         let sent = tokio::time::Instant::now();
         let result = self.exchange(request, max_body).await;
         if result.is_ok() {
@@ -735,62 +729,72 @@ impl Lease {
         &mut self,
         request: Request<Option<Incoming>>,
         max_body: Option<u64>,
-    ) -> Result<Response<Incoming>, Error> {
+    ) -> Result<Response<()>, Error> {
         let (parts, body) = request.into_parts();
-        let (body, sent) = RequestBody::new(body, max_body.unwrap_or(u64::MAX));
-        let mut request = Request::from_parts(parts, body);
-        let mut sent = sent;
+        let body = body.filter(|body| !body.is_end_stream());
+        let framing = match &body {
+            None => BodyFraming::None,
+            Some(_) if parts.headers.contains_key(CONTENT_LENGTH) => BodyFraming::Length,
+            Some(_) => BodyFraming::Chunked,
+        };
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let head = http1::encode_head(&parts.method, target, &parts.headers, framing);
+        let body = body.map(|body| RequestBody::new(body, max_body.unwrap_or(u64::MAX)));
+        let mut upload = Upload::new(head.clone(), body, framing);
         loop {
-            let sender = self.sender.as_mut().expect("checked out before sending");
-            let response = sender.try_send_request(request);
-            tokio::pin!(response);
-            let early = match sent.as_mut() {
-                Some(body_sent) => tokio::select! {
-                    result = &mut response => Some(result),
-                    _ = body_sent => None,
-                },
-                None => None,
-            };
-            let result = match early {
-                Some(result) => result,
-                None => {
-                    sent = None;
-                    let after = self.timeouts.upstream_response_header;
-                    tokio::time::timeout(after, &mut response)
-                        .await
-                        .map_err(|_| Error::ResponseTimeout {
-                            server: self.endpoint.label.clone(),
-                            after,
-                        })?
-                }
-            };
-            let mut err = match result {
+            let conn = self.conn.as_mut().expect("checked out before sending");
+            let mut read_any = false;
+            let result = round_trip(
+                conn,
+                &mut upload,
+                &parts.method,
+                &mut read_any,
+                self.timeouts.upstream_response_header,
+            )
+            .await;
+            let err = match result {
                 Ok(response) => return Ok(response),
-                Err(err) => err,
-            };
-            match err.take_message() {
-                // A pooled connection the server had closed: the request never left, so it is
-                // safe to send it again on a fresh connection.
-                Some(unsent) if self.reused => {
-                    tracing::debug!(server = %self.endpoint.label, "pooled connection was closed, reconnecting");
-                    request = unsent;
-                    self.sender = Some(self.endpoint.connect(self.timeouts.connect).await?);
-                    self.reused = false;
-                }
-                _ => {
-                    return Err(Error::Exchange {
+                Err(RoundTrip::Timeout(after)) => {
+                    return Err(Error::ResponseTimeout {
                         server: self.endpoint.label.clone(),
-                        source: err.into_error(),
+                        after,
                     })
                 }
+                Err(RoundTrip::Failed(err)) => err,
+            };
+            // A pooled connection the server closed just as it was reused: nothing of the
+            // answer came and nothing of the body was taken, so the request goes again on a
+            // fresh connection.
+            let unanswered = matches!(err, http1::Error::Closed | http1::Error::Io(_));
+            if self.reused && unanswered && !read_any && !upload.started {
+                tracing::debug!(server = %self.endpoint.label, "pooled connection was closed, reconnecting");
+                self.conn = Some(self.endpoint.connect(self.timeouts.connect).await?);
+                self.reused = false;
+                upload = upload.restart(head.clone());
+                continue;
             }
+            return Err(Error::Exchange {
+                server: self.endpoint.label.clone(),
+                source: err,
+            });
         }
+    }
+
+    /// After a 101: the upstream's socket and the bytes that came after the head.
+    pub fn take_upgraded(&mut self) -> (Stream, Bytes) {
+        self.conn
+            .take()
+            .expect("an upgraded lease has its connection")
+            .into_upgraded()
     }
 
     /// The response was read to its end: the connection can serve another request.
     pub fn release(mut self) {
-        if let Some(sender) = self.sender.take() {
-            self.endpoint.pool.put(sender);
+        if let Some(mut conn) = self.conn.take() {
+            if conn.is_reusable() {
+                conn.park();
+                self.endpoint.pool.put(conn);
+            }
         }
     }
 
@@ -816,31 +820,141 @@ impl Drop for Lease {
     }
 }
 
-/// The client's request body on its way upstream; dropping it (hyper does so once the body is
-/// written, or failed) resolves the paired receiver, which starts the response timeout.
+enum RoundTrip {
+    Timeout(Duration),
+    Failed(http1::Error),
+}
+
+/// Writes the request and reads the response head. An answer that comes while the body is
+/// still being written (a 413 to a large upload) is taken, and the connection is not reused.
+async fn round_trip(
+    conn: &mut Connection,
+    upload: &mut Upload<RequestBody>,
+    method: &http::Method,
+    read_any: &mut bool,
+    after: Duration,
+) -> Result<Response<()>, RoundTrip> {
+    let mut write_failed = None;
+    let early = poll_fn(|cx| {
+        if write_failed.is_none() {
+            match upload.poll_write(conn.stream_mut(), cx) {
+                Poll::Ready(Ok(())) => return Poll::Ready(None),
+                Poll::Ready(Err(err @ http1::Error::ClientBody(_))) => {
+                    return Poll::Ready(Some(Err(err)))
+                }
+                // The server may have answered and closed: its answer is still to be read.
+                Poll::Ready(Err(err)) => write_failed = Some(err),
+                Poll::Pending => {}
+            }
+        }
+        conn.poll_response(cx, method, read_any).map(Some)
+    })
+    .await;
+    match early {
+        Some(Ok(response)) => {
+            conn.abandon();
+            return Ok(response);
+        }
+        Some(Err(err)) => {
+            // Nothing came back: the failed write is the cause worth telling.
+            let err = match (err, write_failed) {
+                (http1::Error::Closed, Some(write)) => write,
+                (err, _) => err,
+            };
+            return Err(RoundTrip::Failed(err));
+        }
+        None => {}
+    }
+    tokio::time::timeout(
+        after,
+        poll_fn(|cx| conn.poll_response(cx, method, read_any)),
+    )
+    .await
+    .map_err(|_| RoundTrip::Timeout(after))?
+    .map_err(RoundTrip::Failed)
+}
+
+/// A response body read from the upstream connection as the client takes it; at its end the
+/// connection goes back to the pool, and dropped earlier it is closed.
+#[derive(Debug)]
+pub struct ResponseBody {
+    /// `None` once released.
+    lease: Option<Lease>,
+}
+
+impl ResponseBody {
+    pub fn new(lease: Lease) -> ResponseBody {
+        // hyper never polls a body that is empty from the start (HEAD, 204, 304,
+        // Content-Length: 0), so such a lease is released here.
+        if lease.conn.as_ref().is_none_or(Connection::body_is_end) {
+            lease.release();
+            return ResponseBody { lease: None };
+        }
+        ResponseBody { lease: Some(lease) }
+    }
+
+    fn conn(&self) -> Option<&Connection> {
+        self.lease.as_ref().and_then(|lease| lease.conn.as_ref())
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = http1::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, http1::Error>>> {
+        let Some(conn) = self.lease.as_mut().and_then(|lease| lease.conn.as_mut()) else {
+            return Poll::Ready(None);
+        };
+        let frame = std::task::ready!(conn.poll_body(cx));
+        let ended = conn.body_is_end();
+        match &frame {
+            None => self.release(),
+            Some(Ok(_)) if ended => self.release(),
+            Some(Ok(_)) => {}
+            // A broken response must not be reused: dropping the lease closes it.
+            Some(Err(_)) => drop(self.lease.take()),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn().is_none_or(Connection::body_is_end)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.conn()
+            .map_or_else(|| SizeHint::with_exact(0), Connection::body_size_hint)
+    }
+}
+
+impl ResponseBody {
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release();
+        }
+    }
+}
+
+/// The client's request body on its way upstream, cut when it crosses the route's limit.
 #[derive(Debug)]
 pub struct RequestBody {
-    /// `None`: no body at all.
-    inner: Option<Incoming>,
-    _sent: Option<oneshot::Sender<()>>,
-    /// Bytes still allowed; a chunked body is cut when it crosses the route's limit.
+    inner: Incoming,
+    /// Bytes still allowed.
     allowance: u64,
     limit: u64,
 }
 
 impl RequestBody {
-    fn new(inner: Option<Incoming>, limit: u64) -> (RequestBody, Option<oneshot::Receiver<()>>) {
-        let body = |inner, sent| RequestBody {
+    fn new(inner: Incoming, limit: u64) -> RequestBody {
+        RequestBody {
             inner,
-            _sent: sent,
             allowance: limit,
             limit,
-        };
-        if inner.as_ref().is_none_or(Incoming::is_end_stream) {
-            return (body(inner, None), None);
         }
-        let (tx, rx) = oneshot::channel();
-        (body(inner, Some(tx)), Some(rx))
     }
 }
 
@@ -852,10 +966,7 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let frame = match self.inner.as_mut() {
-            Some(inner) => std::task::ready!(Pin::new(inner).poll_frame(cx)),
-            None => return Poll::Ready(None),
-        };
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
         if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
             let len = data.map_or(0, |d| d.len() as u64);
             match self.allowance.checked_sub(len) {
@@ -867,13 +978,11 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
+        self.inner.size_hint()
     }
 }
 

@@ -3,25 +3,29 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
+
+/// A connection that can tell, without waiting, whether its peer has closed it.
+pub trait Reusable {
+    fn is_closed(&mut self) -> bool;
+}
 
 /// Beyond this many idle connections per server, the oldest is closed: enough to absorb a
 /// burst, few enough that a quiet proxy does not hold thousands of backend sockets.
 const MAX_IDLE_PER_SERVER: usize = 128;
 
 #[derive(Debug)]
-pub struct Pool<B> {
-    idle: Mutex<Vec<Idle<B>>>,
+pub struct Pool<C> {
+    idle: Mutex<Vec<Idle<C>>>,
 }
 
 #[derive(Debug)]
-struct Idle<B> {
-    sender: SendRequest<B>,
+struct Idle<C> {
+    conn: C,
     since: Instant,
 }
 
-impl<B> Default for Pool<B> {
+impl<C> Default for Pool<C> {
     fn default() -> Self {
         Pool {
             idle: Mutex::new(Vec::new()),
@@ -29,9 +33,9 @@ impl<B> Default for Pool<B> {
     }
 }
 
-impl<B> Pool<B> {
+impl<C: Reusable> Pool<C> {
     /// The freshest idle connection younger than `keepalive` whose peer has not closed it.
-    pub fn take(&self, keepalive: Duration) -> Option<SendRequest<B>> {
+    pub fn take(&self, keepalive: Duration) -> Option<C> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         // Older entries sit at the front; once one is stale, all before it are too.
@@ -40,24 +44,21 @@ impl<B> Pool<B> {
         } else {
             idle.clear();
         }
-        while let Some(entry) = idle.pop() {
-            if !entry.sender.is_closed() {
-                return Some(entry.sender);
+        while let Some(mut entry) = idle.pop() {
+            if !entry.conn.is_closed() {
+                return Some(entry.conn);
             }
         }
         None
     }
 
-    pub fn put(&self, sender: SendRequest<B>) {
-        if sender.is_closed() {
-            return;
-        }
+    pub fn put(&self, conn: C) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() >= MAX_IDLE_PER_SERVER {
             idle.remove(0);
         }
         idle.push(Idle {
-            sender,
+            conn,
             since: Instant::now(),
         });
     }

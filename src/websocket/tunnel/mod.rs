@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use crate::client_io::ClientIo;
 use crate::shutdown::Signal;
 use crate::telemetry::fields as f;
+use crate::upstream;
 use crate::websocket::frame;
 
 /// Large enough that bulk transfers make few syscalls; it exists once per worker thread.
@@ -214,14 +215,17 @@ pub trait Hold: Send + 'static {
 /// WebSocket costs this struct and its two sockets, nothing more.
 pub fn spawn<H: Hold>(
     client: Upgraded,
-    upstream: Upgraded,
+    (upstream, early_upstream): (upstream::http1::Stream, Bytes),
     labels: Labels,
     options: Options,
     signals: Signals,
     hold: H,
 ) {
     let (client, early_client) = unwrap_tcp(client);
-    let (upstream, early_upstream) = unwrap_tcp(upstream);
+    let upstream = match upstream {
+        upstream::http1::Stream::Tcp(tcp) => Io::Tcp(tcp),
+        upstream::http1::Stream::Tls(tls) => Io::Tls(tls),
+    };
     let splice = Splice::new(client, early_client, upstream, early_upstream, &options);
     tokio::spawn(Tunnel {
         driver: drive(splice, options, signals),
@@ -300,13 +304,9 @@ fn log_close(
     );
 }
 
-/// Plain TCP under hyper's `Upgraded` (the upstream's, or the client's `ClientIo`) is taken
-/// out, with the bytes hyper had already read.
+/// Plain TCP under hyper's `Upgraded` (the client's `ClientIo`) is taken out, with the bytes
+/// hyper had already read.
 fn unwrap_tcp(upgraded: Upgraded) -> (Io, Bytes) {
-    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => return (Io::Tcp(parts.io.into_inner()), parts.read_buf),
-        Err(upgraded) => upgraded,
-    };
     match upgraded.downcast::<TokioIo<ClientIo<TcpStream>>>() {
         Ok(parts) => {
             let (tcp, early) = parts.io.into_inner().into_parts(parts.read_buf);
@@ -316,9 +316,11 @@ fn unwrap_tcp(upgraded: Upgraded) -> (Io, Bytes) {
     }
 }
 
-/// One side of a tunnel: a bare socket, or whatever else hyper upgraded (TLS, HTTP/2 later).
+/// One side of a tunnel: a bare socket, TLS to the upstream, or whatever else hyper upgraded
+/// on the client's side (TLS, an HTTP/2 stream).
 enum Io {
     Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Upgraded(TokioIo<Upgraded>),
 }
 
@@ -330,6 +332,7 @@ impl AsyncRead for Io {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Tcp(io) => Pin::new(io).poll_read(cx, buf),
+            Io::Tls(io) => Pin::new(&mut **io).poll_read(cx, buf),
             Io::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
         }
     }
@@ -343,6 +346,7 @@ impl AsyncWrite for Io {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Io::Tcp(io) => Pin::new(io).poll_write(cx, buf),
+            Io::Tls(io) => Pin::new(&mut **io).poll_write(cx, buf),
             Io::Upgraded(io) => Pin::new(io).poll_write(cx, buf),
         }
     }
@@ -350,6 +354,7 @@ impl AsyncWrite for Io {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Tcp(io) => Pin::new(io).poll_flush(cx),
+            Io::Tls(io) => Pin::new(&mut **io).poll_flush(cx),
             Io::Upgraded(io) => Pin::new(io).poll_flush(cx),
         }
     }
@@ -357,6 +362,7 @@ impl AsyncWrite for Io {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Tcp(io) => Pin::new(io).poll_shutdown(cx),
+            Io::Tls(io) => Pin::new(&mut **io).poll_shutdown(cx),
             Io::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
         }
     }
