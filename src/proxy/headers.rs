@@ -83,6 +83,8 @@ pub fn to_upstream_from(
     };
     strip_hop_by_hop(headers);
     headers.remove(&PROXY_AUTHORIZATION);
+    // Room for the four forwarding fields at once, rather than a regrowth on the way.
+    headers.reserve(4);
     if let Some(protocol) = upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(UPGRADE, protocol);
