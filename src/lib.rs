@@ -14,7 +14,8 @@
 //! - `proxy`: one request's life: route, classify, forward, relay or tunnel.
 //! - `snapshot`: one configuration as requests read it, swapped whole by a reload.
 //! - `router`: host and path to a route.
-//! - `upstream`: server choice, connections and pooling, the lease that counts load.
+//! - `upstream`: server choice, connections (HTTP/1.1 of its own, driven by the request) and
+//!   pooling, the lease that counts load.
 //! - `websocket`: handshake validation, RFC 6455 frames, and the frame-aware tunnel that
 //!   splices upgraded connections.
 //! - `shutdown`: the drain signal and the trackers that count what is still running.
