@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use crate::client_io::ClientIo;
 use crate::shutdown::Signal;
 use crate::telemetry::fields as f;
-use crate::upstream;
+use crate::upstream::http1::Stream;
 use crate::websocket::frame;
 
 /// Large enough that bulk transfers make few syscalls; it exists once per worker thread.
@@ -215,17 +215,14 @@ pub trait Hold: Send + 'static {
 /// WebSocket costs this struct and its two sockets, nothing more.
 pub fn spawn<H: Hold>(
     client: Upgraded,
-    (upstream, early_upstream): (upstream::http1::Stream, Bytes),
+    (upstream, early_upstream): (Stream, Bytes),
     labels: Labels,
     options: Options,
     signals: Signals,
     hold: H,
 ) {
     let (client, early_client) = unwrap_tcp(client);
-    let upstream = match upstream {
-        upstream::http1::Stream::Tcp(tcp) => Io::Tcp(tcp),
-        upstream::http1::Stream::Tls(tls) => Io::Tls(tls),
-    };
+    let upstream = Io::Socket(upstream);
     let splice = Splice::new(client, early_client, upstream, early_upstream, &options);
     tokio::spawn(Tunnel {
         driver: drive(splice, options, signals),
@@ -310,17 +307,16 @@ fn unwrap_tcp(upgraded: Upgraded) -> (Io, Bytes) {
     match upgraded.downcast::<TokioIo<ClientIo<TcpStream>>>() {
         Ok(parts) => {
             let (tcp, early) = parts.io.into_inner().into_parts(parts.read_buf);
-            (Io::Tcp(tcp), early)
+            (Io::Socket(Stream::Tcp(tcp)), early)
         }
         Err(upgraded) => (Io::Upgraded(TokioIo::new(upgraded)), Bytes::new()),
     }
 }
 
-/// One side of a tunnel: a bare socket, TLS to the upstream, or whatever else hyper upgraded
-/// on the client's side (TLS, an HTTP/2 stream).
+/// One side of a tunnel: a socket (plain, or TLS to the upstream), or whatever else hyper
+/// upgraded on the client's side (TLS, an HTTP/2 stream).
 enum Io {
-    Tcp(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Socket(Stream),
     Upgraded(TokioIo<Upgraded>),
 }
 
@@ -331,8 +327,7 @@ impl AsyncRead for Io {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Io::Tcp(io) => Pin::new(io).poll_read(cx, buf),
-            Io::Tls(io) => Pin::new(&mut **io).poll_read(cx, buf),
+            Io::Socket(io) => Pin::new(io).poll_read(cx, buf),
             Io::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
         }
     }
@@ -345,24 +340,21 @@ impl AsyncWrite for Io {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Io::Tcp(io) => Pin::new(io).poll_write(cx, buf),
-            Io::Tls(io) => Pin::new(&mut **io).poll_write(cx, buf),
+            Io::Socket(io) => Pin::new(io).poll_write(cx, buf),
             Io::Upgraded(io) => Pin::new(io).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Io::Tcp(io) => Pin::new(io).poll_flush(cx),
-            Io::Tls(io) => Pin::new(&mut **io).poll_flush(cx),
+            Io::Socket(io) => Pin::new(io).poll_flush(cx),
             Io::Upgraded(io) => Pin::new(io).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Io::Tcp(io) => Pin::new(io).poll_shutdown(cx),
-            Io::Tls(io) => Pin::new(&mut **io).poll_shutdown(cx),
+            Io::Socket(io) => Pin::new(io).poll_shutdown(cx),
             Io::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
         }
     }
