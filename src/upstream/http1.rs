@@ -551,7 +551,7 @@ impl Decoder {
                     return Step::Frame(Frame::data(buf.split().freeze()));
                 }
                 Decoder::ChunkSize => {
-                    let Some(end) = find_crlf(buf) else {
+                    let Some(end) = find(buf, b"\r\n") else {
                         return if buf.len() > MAX_CHUNK_LINE {
                             Step::Invalid("chunk size line too long")
                         } else {
@@ -620,10 +620,6 @@ impl Decoder {
     }
 }
 
-fn find_crlf(buf: &[u8]) -> Option<usize> {
-    find(buf, b"\r\n")
-}
-
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
@@ -676,8 +672,8 @@ pub fn encode_head(method: &Method, target: &str, headers: &HeaderMap, body: Bod
     out.into()
 }
 
-/// Writes a request: its head, then its body (if any) as `framing` says, counting what the
-/// body yields against nothing (limits are the body's own business).
+/// Writes a request: its head, then its body (if any) as `framing` says. Limits are the
+/// body's own business (`RequestBody` counts against `max_request_body`).
 pub struct Upload<B> {
     staged: VecDeque<Bytes>,
     body: Option<B>,
